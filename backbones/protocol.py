@@ -1,0 +1,57 @@
+"""The block-stack protocol: the only thing routing and diffusion know about a backbone.
+
+A backbone is an ``nn.Module`` that splits its forward pass into three parts so that a
+router can drive it without knowing what is inside:
+
+    tokens, cond = backbone.embed(x, noise_labels, class_labels)   # (B, N, D), (B, D)
+    for block in backbone.blocks:                                  # nn.ModuleList
+        tokens = block(tokens, cond, grid)                         # grid = (rows, cols) or None
+    out = backbone.head(tokens, cond)                              # same shape as x
+
+``grid`` is the (rows, cols) shape of the tokens currently in the sequence, in raster order,
+or ``None`` when they do not form a grid (e.g. after random selection). Blocks whose mixing
+depends on spatial neighbours (q-shift, scans) use it; attention blocks ignore it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+Grid = Optional[Tuple[int, int]]
+
+
+class BlockStack(nn.Module):
+    """Base class for backbones. Subclasses set the attributes below and implement three methods."""
+
+    #: (rows, cols) of the token grid produced by ``embed``.
+    grid_size: Tuple[int, int]
+    #: True when a block mixes tokens by a scan over the raster order (RWKV, Mamba): such
+    #: backbones are sensitive to which positions are removed, so routing keeps whole rows.
+    scan_mixing: bool = False
+    blocks: nn.ModuleList
+    num_classes: int
+    in_channels: int
+    input_size: int
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def embed(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor):
+        raise NotImplementedError
+
+    def head(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x, noise_labels, class_labels):
+        """Plain full-sequence forward (no routing)."""
+        tokens, cond = self.embed(x, noise_labels, class_labels)
+        for block in self.blocks:
+            tokens = block(tokens, cond, self.grid_size)
+        return self.head(tokens, cond)

@@ -1,0 +1,79 @@
+"""EDM (Karras et al. 2022): noise distribution, preconditioning and loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class EDMConfig:
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+
+
+def precond_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """(c_skip, c_out, c_in, c_noise) of EDM's preconditioning at noise level ``sigma``."""
+    sd2, s2 = sigma_data ** 2, sigma ** 2
+    c_skip = sd2 / (s2 + sd2)
+    c_out = sigma * sigma_data / (s2 + sd2).sqrt()
+    c_in = 1 / (s2 + sd2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+class EDMDenoiser(nn.Module):
+    """D(x; sigma, y) = c_skip x + c_out F(c_in x; c_noise, y) around a network F.
+
+    Extra keyword arguments (e.g. ``force_rate``) pass through to F unchanged.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+
+    def forward(self, x, sigma, class_labels, **net_kwargs):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in precond_coefficients(sigma, self.sigma_data))
+        result = self.net((c_in * x).to(x.dtype), c_noise.flatten(), class_labels, **net_kwargs)
+        out, extra = (result if isinstance(result, tuple) else (result, None))
+        denoised = c_skip * x + c_out * out.to(torch.float32)
+        return (denoised, extra) if extra is not None else denoised
+
+
+def sample_sigma(batch: int, cfg: EDMConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """log-normal training noise levels, drawn on the CPU (device independent, reproducible)."""
+    return (torch.randn(batch, generator=generator) * cfg.P_std + cfg.P_mean).exp()
+
+
+def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, class_labels: torch.Tensor, sigma: torch.Tensor,
+             noise: torch.Tensor, route_aware: bool = False) -> torch.Tensor:
+    """Per-sample weighted denoising loss, shape (B,).
+
+    ``route_aware`` (paper v1): the loss is taken only over pixels of tokens each route processed,
+    averaged over routes; with no active route it is the plain loss. Off by default (v2/v3).
+    """
+    sigma4 = sigma.reshape(-1, 1, 1, 1).to(x.device)
+    x_noisy = x + noise.to(x.device) * sigma4
+    if route_aware:
+        denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels, return_token_masks=True)
+    else:
+        denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels), []
+    err = loss_weight(sigma4, denoiser.sigma_data) * (denoised.float() - x.float()) ** 2
+    if not masks:
+        return err.mean(dim=(1, 2, 3))
+    per_route = []
+    for mask in masks:  # token mask (B, rows, cols) -> pixel mask by nearest upsampling
+        pix = F.interpolate(mask[:, None].float(), size=x.shape[-2:], mode="nearest")
+        per_route.append((err * pix).sum(dim=(1, 2, 3)) / (pix.sum(dim=(1, 2, 3)) * x.shape[1]))
+    return torch.stack(per_route).mean(dim=0)

@@ -1,0 +1,208 @@
+"""Training loop: EDM loss on a RoutedNetwork, AdamW, EMA, accelerate, checkpoints, NaN guard.
+
+Reproducibility across process counts: every random draw of a step (image indices, labels dropped,
+noise levels, noise, token selection) is made for the GLOBAL batch from CPU generators and each
+process takes its slice. One process and N processes therefore see the same batch and the same
+routing; only float reduction order differs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from backbones import build_backbone
+from backbones.registry import ConfigError
+from routing import RoutedNetwork
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .edm import EDMConfig, EDMDenoiser, edm_loss, sample_sigma
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf: the run stops and is reported as failed."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch: int = 256
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1
+    precision: str = "auto"          # auto = bf16 on CUDA, fp32 on CPU
+    route_aware_loss: bool = False   # paper v1 auxiliary loss; off as in v2/v3 and the official code
+    fp32_after_route: bool = True
+    grad_clip: Optional[float] = None
+    checkpoint_every: int = 0        # 0 = only at the end
+    log_every: int = 10
+    warmup_steps_excluded: int = 5   # steps not counted in samples/s
+    compile: bool = False
+    seed: int = 0
+    edm: EDMConfig = field(default_factory=EDMConfig)
+
+
+def build_denoiser(backbone: str, size: str, data_shape, num_classes: int, routes=(), selection="auto",
+                   fp32_after_route=True, seed=0, **backbone_overrides) -> EDMDenoiser:
+    channels, height, width = data_shape
+    if height != width:
+        raise ConfigError(f"square inputs only; got {height}x{width}")
+    bb = build_backbone(backbone, size, input_size=height, in_channels=channels, num_classes=num_classes,
+                        **backbone_overrides)
+    net = RoutedNetwork(bb, routes, selection=selection, fp32_after_route=fp32_after_route, seed=seed)
+    return EDMDenoiser(net)
+
+
+class Trainer:
+    """Trains one denoiser on one ImageSet; ``run_dir`` holds its checkpoint and stats."""
+
+    def __init__(self, denoiser: EDMDenoiser, data, cfg: TrainConfig, run_dir: str | Path,
+                 accelerator: Optional[Accelerator] = None, config_snapshot: Optional[dict] = None):
+        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
+        self.config_snapshot = config_snapshot or {}
+        if accelerator is None:
+            use_cuda = torch.cuda.is_available()
+            precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "no")
+            accelerator = Accelerator(mixed_precision=precision if precision != "fp32" else "no", cpu=not use_cuda)
+        self.acc = accelerator
+        world = self.acc.num_processes
+        if cfg.global_batch % world:
+            raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes; "
+                              f"use a multiple of {world}")
+        self.local_batch = cfg.global_batch // world
+        denoiser.net.shard = (self.acc.process_index, world)
+        self.ema = AveragedModel(denoiser, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.raw = denoiser
+        opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        model = torch.compile(denoiser) if cfg.compile else denoiser
+        self.model, self.opt = self.acc.prepare(model, opt)
+        self.ema.to(self.acc.device)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.step, self.images_seen, self.elapsed = 0, 0, 0.0
+        self.stats: list[dict] = []
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.acc.unwrap_model(self.model).state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step, "images_seen": self.images_seen, "elapsed": self.elapsed,
+            "rng": {"data": self.data_gen.get_state(), "routing": self.raw.net.generator.get_state(),
+                    "torch": torch.get_rng_state()},
+            "stats": self.stats,
+            "config": self.config_snapshot,
+        }
+
+    def save(self) -> None:
+        if self.acc.is_main_process:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+        self.acc.wait_for_everyone()
+
+    def try_resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = load_checkpoint(self.checkpoint_path)
+        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.images_seen, self.elapsed = state["step"], state["images_seen"], state["elapsed"]
+        self.data_gen.set_state(state["rng"]["data"])
+        self.raw.net.generator.set_state(state["rng"]["routing"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.stats = state["stats"]
+        return True
+
+    # -- one step ----------------------------------------------------------------------------
+    def _draw_batch(self):
+        """Global-batch draws from the data generator, sliced to this process."""
+        n, gb, cfg = len(self.data), self.cfg.global_batch, self.cfg
+        idx = torch.randint(n, (gb,), generator=self.data_gen)
+        drop = torch.rand(gb, generator=self.data_gen) < cfg.label_dropout
+        sigma = sample_sigma(gb, cfg.edm, self.data_gen)
+        noise = torch.randn((gb, *self.data.shape), generator=self.data_gen)
+        lo, hi = self.acc.process_index * self.local_batch, (self.acc.process_index + 1) * self.local_batch
+        x = self.data.images[idx[lo:hi]]
+        y = torch.where(drop, self.data.num_classes, self.data.labels[idx])[lo:hi]
+        dev = self.acc.device
+        return x.to(dev), y.to(dev), sigma[lo:hi].to(dev), noise[lo:hi].to(dev)
+
+    def train_step(self) -> float:
+        x, y, sigma, noise = self._draw_batch()
+        self.model.train()
+        with self.acc.autocast():
+            loss = edm_loss(self.model, x, y, sigma, noise, route_aware=self.cfg.route_aware_loss).mean()
+        self.opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        if self.cfg.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.ema.update_parameters(self.acc.unwrap_model(self.model))
+        # the global mean loss: identical whatever the number of processes
+        value = self.acc.reduce(loss.detach().float(), reduction="mean").item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss became {value} at step {self.step + 1}; lower lr, enable grad_clip, "
+                                   "or keep fp32_after_route on")
+        self.step += 1
+        self.images_seen += self.cfg.global_batch
+        return value
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self, on_eval: Optional[Callable[["Trainer"], None]] = None, eval_every: int = 0) -> dict:
+        cfg = self.cfg
+        measured_time, measured_steps, window = 0.0, 0, []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.run_dir.name, disable=not self.acc.is_main_process,
+                   dynamic_ncols=True, leave=False)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            if self.step > cfg.warmup_steps_excluded:
+                measured_time, measured_steps = measured_time + dt, measured_steps + 1
+            window.append(loss)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record = {"step": self.step, "kimg": self.images_seen / 1000, "loss": sum(window) / len(window),
+                          "wall_s": round(self.elapsed, 4)}
+                self.stats.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                self._append_stats(record)
+                window = []
+            if eval_every and on_eval and self.step % eval_every == 0:
+                on_eval(self)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        self.save()
+        tail = [s["loss"] for s in self.stats[-3:]]
+        return {
+            "steps": self.step, "images_seen": self.images_seen, "wall_time_s": self.elapsed,
+            "final_loss": sum(tail) / max(len(tail), 1),
+            "samples_per_s": (measured_steps * cfg.global_batch / measured_time) if measured_time else float("nan"),
+        }
+
+    def _append_stats(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "stats.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @property
+    def ema_denoiser(self) -> EDMDenoiser:
+        return self.ema.module
