@@ -46,14 +46,8 @@ class RunSpec:
 
 
 def resolve_suite(cfg: DictConfig) -> DictConfig:
-    """The suite with the scale's overrides and the suite's own per-scale block merged in."""
-    suite = OmegaConf.create(OmegaConf.to_container(cfg.suite, resolve=True))
-    scale = cfg.scale
-    merged = OmegaConf.merge(suite, scale.get("overrides", {}) or {})
-    per_scale = (suite.get("scale_overrides") or {}).get(scale.name)
-    if per_scale:
-        merged = OmegaConf.merge(merged, per_scale)
-    return merged
+    """The composed suite (scale changes already merged by Hydra), resolved and detached."""
+    return OmegaConf.create(OmegaConf.to_container(cfg.suite, resolve=True))
 
 
 def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:

@@ -47,8 +47,13 @@ class EDMDenoiser(nn.Module):
         c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in precond_coefficients(sigma, self.sigma_data))
         result = self.net((c_in * x).to(x.dtype), c_noise.flatten(), class_labels, **net_kwargs)
         out, extra = (result if isinstance(result, tuple) else (result, None))
-        denoised = c_skip * x + c_out * out.to(torch.float32)
+        denoised = c_skip * x + c_out * _at_least_fp32(out)
         return (denoised, extra) if extra is not None else denoised
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    # the loss and the skip connection run in fp32 under bf16 autocast, but never below the input precision
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def sample_sigma(batch: int, cfg: EDMConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -69,7 +74,7 @@ def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, class_labels: torch.Tensor,
         denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels, return_token_masks=True)
     else:
         denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels), []
-    err = loss_weight(sigma4, denoiser.sigma_data) * (denoised.float() - x.float()) ** 2
+    err = loss_weight(sigma4, denoiser.sigma_data) * (_at_least_fp32(denoised) - _at_least_fp32(x)) ** 2
     if not masks:
         return err.mean(dim=(1, 2, 3))
     per_route = []

@@ -27,6 +27,10 @@ def scatter_tokens(saved: torch.Tensor, ids: torch.Tensor, processed: torch.Tens
     return saved.scatter(1, ids.unsqueeze(-1).expand(-1, -1, saved.shape[-1]), processed.to(saved.dtype))
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class RoutedNetwork(nn.Module):
     """``net(x, noise_labels, class_labels) -> output`` with TREAD routes applied while training.
 
@@ -97,7 +101,7 @@ class RoutedNetwork(nn.Module):
                     masks.append(mask.scatter_(1, ids, True).view(-1, *full_grid))
             if fp32_next:
                 with torch.autocast(device_type=tokens.device.type, enabled=False):
-                    tokens = block(tokens.float(), cond.float(), grid)
+                    tokens = block(_at_least_fp32(tokens), _at_least_fp32(cond), grid)
                 fp32_next = False
             else:
                 tokens = block(tokens, cond, grid)

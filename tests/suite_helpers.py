@@ -1,0 +1,19 @@
+"""Compose run_suite's Hydra config in-process, as `python run_suite.py ...` would."""
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+import run_suite
+
+SUITES = str(Path(run_suite.__file__).resolve().parent / "suites")
+
+
+def compose_suite(overrides):
+    with initialize_config_dir(config_dir=SUITES, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run(overrides):
+    cfg = compose_suite(overrides)
+    suite = run_suite.resolve_suite(cfg)
+    return run_suite.SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
