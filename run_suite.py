@@ -23,7 +23,7 @@ from backbones.registry import ConfigError
 from diffusion.checkpoint import atomic_write_text
 from measure.results import environment, upsert_csv
 
-RUN_KEY = ["suite", "scale", "run_id"]
+RUN_KEY = ["suite", "scale", "run_id", "step"]
 
 
 @dataclass
@@ -79,24 +79,53 @@ def config_hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict) -> dict:
-    from diffusion.train import Trainer, TrainConfig, build_denoiser
+def train_macs_per_image(run: RunSpec, data_shape, num_classes: int) -> float:
+    """Training MACs per image (forward + backward, DiT convention) of the run's routed network."""
+    from measure.flops import flops_table_row
 
-    train_cfg = TrainConfig(**{k: v for k, v in OmegaConf.to_container(suite.train).items()},
-                            seed=int(suite.get("seed", 0)))
+    row = flops_table_row(run.backbone, run.size, run.routes, run.selection, input_size=data_shape[1],
+                          in_channels=data_shape[0], num_classes=num_classes)
+    return row["gflops_train"] * 1e9
+
+
+def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict):
+    """Train (or resume) one run; returns (summary, evaluation rows)."""
+    from diffusion.train import Trainer, TrainConfig, build_denoiser
+    from measure.evaluate import EvalConfig, FIDEvaluator
+
+    train_cfg = TrainConfig(**OmegaConf.to_container(suite.train), seed=int(suite.get("seed", 0)))
+    eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
     torch.manual_seed(train_cfg.seed)
     den = build_denoiser(run.backbone, run.size, data.shape, data.num_classes, run.routes, run.selection,
                          fp32_after_route=train_cfg.fp32_after_route, seed=train_cfg.seed + 1, **run.overrides)
     trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot)
     resumed = trainer.try_resume()
-    summary = trainer.train()
-    summary["resumed"] = resumed
-    summary["params"] = sum(p.numel() for p in den.net.backbone.parameters())
-    return summary
+    macs_per_image = train_macs_per_image(run, data.shape, data.num_classes)
+    fid = None
+    if eval_cfg.samples > 0:
+        from data import load_dataset
+
+        ref = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.reference_split,
+                           limit=eval_cfg.reference_limit)
+        fid = FIDEvaluator(eval_cfg, ref.images, f"{ref.name}-{len(ref)}", data.num_classes)
+
+    def on_eval(tr):
+        recent = [s["loss"] for s in tr.stats[-3:]] or [float("nan")]
+        row = {"step": tr.step, "images_seen": tr.images_seen, "wall_time_s": tr.elapsed,
+               "train_flops": macs_per_image * tr.images_seen, "loss": sum(recent) / len(recent)}
+        if fid is not None:
+            row.update(fid(tr.ema_denoiser, data.shape, tr.acc.device))
+        tr.evals.append(row)
+
+    summary = trainer.train(on_eval=on_eval, eval_every=eval_cfg.every)
+    summary.update(resumed=resumed, params=sum(p.numel() for p in den.net.backbone.parameters()))
+    return summary, trainer.evals
 
 
 def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     from data import load_dataset
+    from measure.results import write_markdown
+    from measure.speedup import plot_curves, speedup_table
 
     runs = expand_runs(suite, cfg.scale)
     if cfg.only:
@@ -117,37 +146,49 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         digest = config_hash(snapshot)
         done_file = run_dir / "result.json"
         if not cfg.force and done_file.exists():
-            row = json.loads(done_file.read_text())
-            if row.get("config_hash") == digest and row.get("status") == "ok":
+            done = json.loads(done_file.read_text())
+            if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
                 print(f"[{run.run_id}] finished earlier, skipped (force=true reruns it)")
-                rows.append(row)
+                rows.extend(done)
                 continue
-        if cfg.force and run_dir.exists():
+        if run_dir.exists() and (cfg.force or not (run_dir / "checkpoint.pt").exists()):
             for stale in ("checkpoint.pt", "stats.jsonl", "result.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         print(f"[{run.run_id}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
-        row = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
-               "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
-               "seed": int(suite.get("seed", 0)), **environment(device), "config_hash": digest}
+        base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
+                "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
+                "seed": int(suite.get("seed", 0)), **environment(device), "config_hash": digest}
         try:
-            summary = train_one(run, suite, data, run_dir, device, snapshot)
-            row.update(params=summary["params"], steps=summary["steps"], images_seen=summary["images_seen"],
-                       final_loss=summary["final_loss"], samples_per_s=summary["samples_per_s"],
-                       wall_time_s=summary["wall_time_s"], status="ok", error="")
+            summary, evals = train_one(run, suite, data, run_dir, device, snapshot)
+            base.update(params=summary["params"], steps=summary["steps"], final_loss=summary["final_loss"],
+                        samples_per_s=summary["samples_per_s"], status="ok", error="")
+            run_rows = [{**base, **e} for e in evals]
         except ConfigError:
             raise
         except Exception as err:  # one failed run must not stop the suite or touch other runs' files
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             print(f"[{run.run_id}] FAILED: {reason}", file=sys.stderr)
-            if not isinstance(err, (RuntimeError,)) or "TrainingDiverged" not in type(err).__name__:
+            if type(err).__name__ != "TrainingDiverged":
                 traceback.print_exc(file=sys.stderr)
-            row.update(status="failed", error=reason)
+            run_rows = [{**base, "status": "failed", "error": reason}]
             failures.append(run.run_id)
-        atomic_write_text(run_dir / "result.json", json.dumps(row, indent=1, default=str))
-        rows.append(row)
+        atomic_write_text(done_file, json.dumps(run_rows, indent=1, default=str))
+        rows.extend(run_rows)
     results_file = suite.get("results_file") or f"{suite.name}_runs.csv"
     table = upsert_csv(results_dir / results_file, rows, RUN_KEY)
     print(f"wrote {results_dir / results_file} ({len(rows)} rows of {len(table)})")
+    ok = table[(table.suite == suite.name) & (table.scale == cfg.scale.name) & (table.status == "ok")]
+    if ok.method.nunique() > 1:
+        stem = results_dir / f"{suite.name}_speedup"
+        speed = speedup_table(ok)
+        speed.insert(0, "scale", cfg.scale.name)
+        upsert_csv(f"{stem}.csv", speed.to_dict("records"), ["scale", "backbone", "size", "method"])
+        write_markdown(f"{stem}.md", speed, f"{suite.name} speedup ({cfg.scale.name})",
+                       [f"Device: {ok.device.iloc[0]}; torch {ok.torch.iloc[0]}.",
+                        "flop_ratio: baseline / method training MACs per step; iteration_speedup: baseline / method "
+                        "seconds per step; convergence_speedup: baseline time to its best FID / method time to "
+                        "that FID (linear interpolation between evaluations)."])
+        plot_curves(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))
     if failures:
         print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
         return 1

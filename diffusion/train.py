@@ -91,6 +91,7 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.images_seen, self.elapsed = 0, 0, 0.0
         self.stats: list[dict] = []
+        self.evals: list[dict] = []  # rows appended by the evaluation callback; saved with the checkpoint
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -105,7 +106,7 @@ class Trainer:
             "step": self.step, "images_seen": self.images_seen, "elapsed": self.elapsed,
             "rng": {"data": self.data_gen.get_state(), "routing": self.raw.net.generator.get_state(),
                     "torch": torch.get_rng_state()},
-            "stats": self.stats,
+            "stats": self.stats, "evals": self.evals,
             "config": self.config_snapshot,
         }
 
@@ -125,7 +126,7 @@ class Trainer:
         self.data_gen.set_state(state["rng"]["data"])
         self.raw.net.generator.set_state(state["rng"]["routing"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.stats = state["stats"]
+        self.stats, self.evals = state["stats"], state.get("evals", [])
         return True
 
     # -- one step ----------------------------------------------------------------------------
@@ -184,11 +185,13 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 self._append_stats(record)
                 window = []
-            if eval_every and on_eval and self.step % eval_every == 0:
+            if eval_every and on_eval and self.step % eval_every == 0 and self.step < cfg.steps:
                 on_eval(self)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save()
         bar.close()
+        if on_eval and not any(e.get("step") == self.step for e in self.evals):
+            on_eval(self)  # the final evaluation, once, also after a resume
         self.save()
         tail = [s["loss"] for s in self.stats[-3:]]
         return {

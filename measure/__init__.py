@@ -1,0 +1,1 @@
+"""Measurement: sample-quality metrics (FID, KID, precision/recall, IS) and result records."""

@@ -1,0 +1,75 @@
+"""Sample-quality evaluation during training: EMA model, EDM Heun sampler, FID against a cached reference.
+
+Every result records the protocol next to the number (users.md #1): samples, sampler, steps, guidance,
+reference statistics, feature extractor, precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from diffusion.sampler import SamplerConfig, heun_sample
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0               # evaluate every N training steps (0 = only the final step when samples > 0)
+    samples: int = 0             # images generated per evaluation (0 = no FID)
+    batch: int = 250
+    sampler_steps: int = 40
+    cfg_scale: float = 1.0
+    rate_guidance: Optional[list] = None  # [g1, g2, scale]
+    seed: int = 12345            # the same noise and labels at every evaluation
+    reference_split: str = "test"
+    reference_limit: Optional[int] = None
+    extractor: str = "auto"
+    kid: bool = True
+    prc: bool = True
+
+
+@torch.no_grad()
+def generate(denoiser, count: int, data_shape, num_classes: int, sampler: SamplerConfig, seed: int,
+             batch: int, device, progress: bool = False) -> torch.Tensor:
+    """``count`` samples in [-1, 1] (float32, CPU), class labels cycling 0..num_classes-1; seeded."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % num_classes
+    noise = torch.randn(count, *data_shape, generator=g)
+    was_training = denoiser.training
+    denoiser.eval()
+    out = []
+    for start in range(0, count, batch):
+        x = heun_sample(denoiser, noise[start:start + batch].to(device), labels[start:start + batch].to(device),
+                        sampler, null_label=num_classes, progress=progress)
+        out.append(x.float().clamp(-1, 1).cpu())
+    denoiser.train(was_training)
+    return torch.cat(out)
+
+
+class FIDEvaluator:
+    """Callable on a Trainer: samples from its EMA model and returns the metrics row fragment."""
+
+    def __init__(self, cfg: EvalConfig, reference_images: torch.Tensor, reference_name: str, num_classes: int):
+        from measure.fid import ImageReference, to_uint8
+
+        self.cfg, self.num_classes = cfg, num_classes
+        self.reference = ImageReference(reference_name, to_uint8(reference_images))
+        self.sampler = SamplerConfig(steps=cfg.sampler_steps, cfg_scale=cfg.cfg_scale,
+                                     rate_guidance=tuple(cfg.rate_guidance) if cfg.rate_guidance else None)
+
+    def __call__(self, denoiser, data_shape, device) -> dict:
+        from measure.fid import compute_metrics, to_uint8
+
+        images = generate(denoiser, self.cfg.samples, data_shape, self.num_classes, self.sampler, self.cfg.seed,
+                          self.cfg.batch, device, progress=True)
+        metrics = compute_metrics(to_uint8(images), self.reference, extractor=self.cfg.extractor,
+                                  kid=self.cfg.kid, prc=self.cfg.prc, cuda=torch.device(device).type == "cuda")
+        guidance = (f"rate {self.cfg.rate_guidance}" if self.cfg.rate_guidance
+                    else f"cfg {self.cfg.cfg_scale:g}" if self.cfg.cfg_scale != 1 else "none")
+        row = {"fid": metrics.get("fid"), "kid": metrics.get("kid_mean"), "precision": metrics.get("precision"),
+               "recall": metrics.get("recall"), "fid_samples": metrics["num_samples"],
+               "sampler": f"EDM Heun (deterministic), fp32, ema", "sampler_steps": self.cfg.sampler_steps,
+               "guidance": guidance, "reference": metrics["reference"],
+               "feature_extractor": metrics["feature_extractor"]}
+        return row

@@ -1,0 +1,115 @@
+"""Training throughput, measured the way benchmark suites agree on (timm, optimum-benchmark, EDM2).
+
+Protocol: every configuration gets its warm-up steps (not measured); then measured steps run
+interleaved, A B A B ..., so slow drift of the machine (thermal, other load) hits all
+configurations alike. One step = EDM loss forward + backward + AdamW update on a fixed batch.
+Reported per configuration: mean, p50 and p90 step time, samples/s (batch / mean step time), peak
+memory (CUDA max allocated; on CPU the peak RSS of a separate process that runs two steps of that
+configuration alone, since RSS cannot be split between interleaved configurations in one process).
+The measured speedup is baseline p50 / method p50 (the median resists outlier steps); the
+predicted one is the ratio of training MACs from measure/flops.py.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+from diffusion.edm import EDMConfig, edm_loss, sample_sigma
+from diffusion.train import build_denoiser
+
+
+def make_train_step(spec: dict, device: str, precision: str, seed: int = 0) -> Callable[[], None]:
+    """A closure that runs one training step of ``spec`` (backbone, size, routes, selection, batch, shape)."""
+    torch.manual_seed(seed)
+    den = build_denoiser(spec["backbone"], spec["size"], spec["data_shape"], spec["num_classes"],
+                         spec.get("routes", ()), spec.get("selection", "auto"), seed=seed,
+                         **spec.get("overrides", {})).to(device).train()
+    opt = torch.optim.AdamW(den.parameters(), lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    b = spec["batch"]
+    x = torch.randn(b, *spec["data_shape"], generator=g).to(device)
+    y = torch.randint(spec["num_classes"], (b,), generator=g).to(device)
+    sigma, noise = sample_sigma(b, EDMConfig(), g).to(device), torch.randn(b, *spec["data_shape"], generator=g).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    device_type = torch.device(device).type
+
+    def step():
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = edm_loss(den, x, y, sigma, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_interleaved(steps: Dict[str, Callable[[], None]], warmup: int, rounds: int,
+                        device: str = "cpu") -> Dict[str, dict]:
+    """Warm each configuration up, then time ``rounds`` interleaved passes over all of them."""
+    cuda = torch.device(device).type == "cuda"
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    peak: Dict[str, int] = {name: 0 for name in steps}
+    for name, step in steps.items():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if cuda:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+    out = {}
+    for name, ts in times.items():
+        arr = np.asarray(ts)
+        out[name] = {"mean_s": arr.mean(), "p50_s": float(np.percentile(arr, 50)),
+                     "p90_s": float(np.percentile(arr, 90)), "n": len(arr),
+                     "peak_mem_mb": peak[name] / 2**20 if cuda else float("nan")}
+    return out
+
+
+def _rss_probe(spec, precision, queue):
+    torch.set_num_threads(1)
+    step = make_train_step(spec, "cpu", precision)
+    step()
+    step()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB on Linux
+
+
+def cpu_peak_rss_mb(spec: dict, precision: str = "fp32") -> float:
+    """Peak RSS (MiB) of a fresh process running two steps of ``spec`` alone (includes the interpreter)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_rss_probe, args=(spec, precision, queue))
+    proc.start()
+    value = queue.get(timeout=600)
+    proc.join()
+    return float(value)
+
+
+def predicted_speedup(spec_base: dict, spec_method: dict) -> float:
+    """Training-MAC ratio baseline / method from the torch counter on the meta device."""
+    from measure.flops import count_forward_macs
+
+    def macs(spec):
+        with torch.device("meta"):
+            den = build_denoiser(spec["backbone"], spec["size"], spec["data_shape"], spec["num_classes"],
+                                 spec.get("routes", ()), spec.get("selection", "auto"), **spec.get("overrides", {}))
+        c, h, _ = spec["data_shape"]
+        return count_forward_macs(den.net, h, c, spec["num_classes"], routed=bool(spec.get("routes")))["torch_macs"]
+
+    return macs(spec_base) / macs(spec_method)
