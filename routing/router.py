@@ -99,7 +99,7 @@ class RoutedNetwork(nn.Module):
                 if return_token_masks:
                     mask = torch.zeros(saved.shape[:2], dtype=torch.bool, device=saved.device)
                     masks.append(mask.scatter_(1, ids, True).view(-1, *full_grid))
-            if fp32_next:
+            if fp32_next and tokens.device.type != "meta":  # meta (FLOP counting) has no autocast
                 with torch.autocast(device_type=tokens.device.type, enabled=False):
                     tokens = block(_at_least_fp32(tokens), _at_least_fp32(cond), grid)
                 fp32_next = False
