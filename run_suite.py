@@ -88,6 +88,22 @@ def train_macs_per_image(run: RunSpec, data_shape, num_classes: int) -> float:
     return row["gflops_train"] * 1e9
 
 
+def fid_reference(suite: DictConfig, eval_cfg):
+    """(reference, name): an npz of statistics, or the images of the suite's reference split."""
+    from data import load_dataset
+
+    if eval_cfg.reference_npz:
+        if not Path(eval_cfg.reference_npz).exists():
+            raise ConfigError(f"missing FID reference {eval_cfg.reference_npz}; fix suite.eval.reference_npz")
+        return str(eval_cfg.reference_npz), Path(eval_cfg.reference_npz).stem
+    if suite.data.name == "latents":
+        raise ConfigError("FID on latents needs suite.eval.reference_npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)"
+                          " or ADM_REFERENCE set; or set suite.eval.samples=0")
+    ref = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.reference_split,
+                       limit=eval_cfg.reference_limit)
+    return ref.images, f"{ref.name}-{len(ref)}"
+
+
 def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict):
     """Train (or resume) one run; returns (summary, evaluation rows)."""
     from diffusion.train import Trainer, TrainConfig, build_denoiser
@@ -103,11 +119,7 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     macs_per_image = train_macs_per_image(run, data.shape, data.num_classes)
     fid = None
     if eval_cfg.samples > 0:
-        from data import load_dataset
-
-        ref = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.reference_split,
-                           limit=eval_cfg.reference_limit)
-        fid = FIDEvaluator(eval_cfg, ref.images, f"{ref.name}-{len(ref)}", data.num_classes)
+        fid = FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes)
 
     def on_eval(tr):
         recent = [s["loss"] for s in tr.stats[-3:]] or [float("nan")]
@@ -127,6 +139,9 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     from measure.results import write_markdown
     from measure.speedup import plot_curves, speedup_table
 
+    from accelerate import PartialState
+
+    main_process = PartialState().is_main_process  # under `accelerate launch`, only rank 0 writes files
     runs = expand_runs(suite, cfg.scale)
     if cfg.only:
         runs = [r for r in runs if cfg.only in r.run_id]
@@ -136,9 +151,10 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         run.selection = validate_run(run, data.shape, data.num_classes).net.selection
     device = "cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu"
     results_dir, runs_root = Path(cfg.results_dir), Path(cfg.runs_dir) / suite.name / cfg.scale.name
-    results_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(suite, resolve=True)
-    atomic_write_text(results_dir / f"{suite.name}_{cfg.scale.name}_config.yaml", OmegaConf.to_yaml(suite))
+    if main_process:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(results_dir / f"{suite.name}_{cfg.scale.name}_config.yaml", OmegaConf.to_yaml(suite))
     rows, failures = [], []
     for run in runs:
         run_dir = runs_root / run.run_id
@@ -151,7 +167,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 print(f"[{run.run_id}] finished earlier, skipped (force=true reruns it)")
                 rows.extend(done)
                 continue
-        if run_dir.exists() and (cfg.force or not (run_dir / "checkpoint.pt").exists()):
+        if main_process and run_dir.exists() and (cfg.force or not (run_dir / "checkpoint.pt").exists()):
             for stale in ("checkpoint.pt", "stats.jsonl", "result.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         print(f"[{run.run_id}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
@@ -172,8 +188,11 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 traceback.print_exc(file=sys.stderr)
             run_rows = [{**base, "status": "failed", "error": reason}]
             failures.append(run.run_id)
-        atomic_write_text(done_file, json.dumps(run_rows, indent=1, default=str))
+        if main_process:
+            atomic_write_text(done_file, json.dumps(run_rows, indent=1, default=str))
         rows.extend(run_rows)
+    if not main_process:
+        return 1 if failures else 0
     results_file = suite.get("results_file") or f"{suite.name}_runs.csv"
     table = upsert_csv(results_dir / results_file, rows, RUN_KEY)
     print(f"wrote {results_dir / results_file} ({len(rows)} rows of {len(table)})")

@@ -26,7 +26,8 @@ def load_latents(path: str | None, expected_resolution: int | None = None, expec
     from .datasets import ImageSet
 
     if not path:
-        raise ConfigError("data.path is not set; point it at a latent folder with meta.json (see data/latents.py)")
+        raise ConfigError("no latent folder given: set suite.data.kwargs.path (or IMAGENET_LATENTS) to a folder "
+                          "with meta.json (see data/latents.py)")
     root = Path(path)
     meta_file = root / "meta.json"
     if not meta_file.exists():

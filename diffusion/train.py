@@ -23,7 +23,7 @@ from backbones import build_backbone
 from backbones.registry import ConfigError
 from routing import RoutedNetwork
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .edm import EDMConfig, EDMDenoiser, edm_loss, sample_sigma
 
 
@@ -48,6 +48,7 @@ class TrainConfig:
     log_every: int = 10
     warmup_steps_excluded: int = 5   # steps not counted in samples/s
     compile: bool = False
+    fault_nan_at_step: Optional[int] = None  # fault injection for tests: the loss turns NaN at this step
     seed: int = 0
     edm: EDMConfig = field(default_factory=EDMConfig)
 
@@ -92,6 +93,7 @@ class Trainer:
         self.step, self.images_seen, self.elapsed = 0, 0, 0.0
         self.stats: list[dict] = []
         self.evals: list[dict] = []  # rows appended by the evaluation callback; saved with the checkpoint
+        self.window: list[float] = []  # losses since the last log line (saved: resume logs the same values)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -106,7 +108,7 @@ class Trainer:
             "step": self.step, "images_seen": self.images_seen, "elapsed": self.elapsed,
             "rng": {"data": self.data_gen.get_state(), "routing": self.raw.net.generator.get_state(),
                     "torch": torch.get_rng_state()},
-            "stats": self.stats, "evals": self.evals,
+            "stats": self.stats, "evals": self.evals, "window": self.window,
             "config": self.config_snapshot,
         }
 
@@ -126,7 +128,9 @@ class Trainer:
         self.data_gen.set_state(state["rng"]["data"])
         self.raw.net.generator.set_state(state["rng"]["routing"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.stats, self.evals = state["stats"], state.get("evals", [])
+        self.stats, self.evals, self.window = state["stats"], state.get("evals", []), state.get("window", [])
+        if self.acc.is_main_process:  # drop lines logged after the checkpoint by the interrupted run
+            atomic_write_text(self.run_dir / "stats.jsonl", "".join(json.dumps(r) + "\n" for r in self.stats))
         return True
 
     # -- one step ----------------------------------------------------------------------------
@@ -156,6 +160,8 @@ class Trainer:
         self.ema.update_parameters(self.acc.unwrap_model(self.model))
         # the global mean loss: identical whatever the number of processes
         value = self.acc.reduce(loss.detach().float(), reduction="mean").item()
+        if self.cfg.fault_nan_at_step == self.step + 1:
+            value = float("nan")
         if not math.isfinite(value):
             raise TrainingDiverged(f"loss became {value} at step {self.step + 1}; lower lr, enable grad_clip, "
                                    "or keep fp32_after_route on")
@@ -166,7 +172,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self, on_eval: Optional[Callable[["Trainer"], None]] = None, eval_every: int = 0) -> dict:
         cfg = self.cfg
-        measured_time, measured_steps, window = 0.0, 0, []
+        measured_time, measured_steps = 0.0, 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.run_dir.name, disable=not self.acc.is_main_process,
                    dynamic_ncols=True, leave=False)
         while self.step < cfg.steps:
@@ -176,15 +182,15 @@ class Trainer:
             self.elapsed += dt
             if self.step > cfg.warmup_steps_excluded:
                 measured_time, measured_steps = measured_time + dt, measured_steps + 1
-            window.append(loss)
+            self.window.append(loss)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                record = {"step": self.step, "kimg": self.images_seen / 1000, "loss": sum(window) / len(window),
+                record = {"step": self.step, "kimg": self.images_seen / 1000, "loss": sum(self.window) / len(self.window),
                           "wall_s": round(self.elapsed, 4)}
                 self.stats.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 self._append_stats(record)
-                window = []
+                self.window = []
             if eval_every and on_eval and self.step % eval_every == 0 and self.step < cfg.steps:
                 on_eval(self)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:

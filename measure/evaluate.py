@@ -27,6 +27,10 @@ class EvalConfig:
     extractor: str = "auto"
     kid: bool = True
     prc: bool = True
+    reference_npz: Optional[str] = None   # ADM reference batch / cached stats instead of dataset images
+    vae: Optional[str] = None             # latent suites: AutoencoderKL (hub id or folder) to decode samples
+    latent_scaling: float = 0.18215
+    vae_batch: int = 32
 
 
 @torch.no_grad()
@@ -47,14 +51,28 @@ def generate(denoiser, count: int, data_shape, num_classes: int, sampler: Sample
     return torch.cat(out)
 
 
-class FIDEvaluator:
-    """Callable on a Trainer: samples from its EMA model and returns the metrics row fragment."""
+@torch.no_grad()
+def decode_latents(latents: torch.Tensor, vae_name: str, scaling: float, batch: int, device) -> torch.Tensor:
+    """SD-VAE decode of scaled latents to images in [-1, 1] (diffusers AutoencoderKL)."""
+    from diffusers import AutoencoderKL
 
-    def __init__(self, cfg: EvalConfig, reference_images: torch.Tensor, reference_name: str, num_classes: int):
+    vae = AutoencoderKL.from_pretrained(vae_name).to(device).eval()
+    out = [vae.decode(latents[i:i + batch].to(device) / scaling).sample.float().clamp(-1, 1).cpu()
+           for i in range(0, len(latents), batch)]
+    return torch.cat(out)
+
+
+class FIDEvaluator:
+    """Callable on a Trainer: samples from its EMA model and returns the metrics row fragment.
+
+    ``reference`` is an npz path (ADM batch or cached statistics) or real images in [-1, 1].
+    """
+
+    def __init__(self, cfg: EvalConfig, reference, reference_name: str, num_classes: int):
         from measure.fid import ImageReference, to_uint8
 
         self.cfg, self.num_classes = cfg, num_classes
-        self.reference = ImageReference(reference_name, to_uint8(reference_images))
+        self.reference = reference if isinstance(reference, str) else ImageReference(reference_name, to_uint8(reference))
         self.sampler = SamplerConfig(steps=cfg.sampler_steps, cfg_scale=cfg.cfg_scale,
                                      rate_guidance=tuple(cfg.rate_guidance) if cfg.rate_guidance else None)
 
@@ -63,13 +81,15 @@ class FIDEvaluator:
 
         images = generate(denoiser, self.cfg.samples, data_shape, self.num_classes, self.sampler, self.cfg.seed,
                           self.cfg.batch, device, progress=True)
+        if self.cfg.vae:
+            images = decode_latents(images, self.cfg.vae, self.cfg.latent_scaling, self.cfg.vae_batch, device)
         metrics = compute_metrics(to_uint8(images), self.reference, extractor=self.cfg.extractor,
                                   kid=self.cfg.kid, prc=self.cfg.prc, cuda=torch.device(device).type == "cuda")
         guidance = (f"rate {self.cfg.rate_guidance}" if self.cfg.rate_guidance
                     else f"cfg {self.cfg.cfg_scale:g}" if self.cfg.cfg_scale != 1 else "none")
         row = {"fid": metrics.get("fid"), "kid": metrics.get("kid_mean"), "precision": metrics.get("precision"),
                "recall": metrics.get("recall"), "fid_samples": metrics["num_samples"],
-               "sampler": f"EDM Heun (deterministic), fp32, ema", "sampler_steps": self.cfg.sampler_steps,
+               "sampler": "EDM Heun (deterministic) fp32 EMA" + (f" + {self.cfg.vae} decode" if self.cfg.vae else ""), "sampler_steps": self.cfg.sampler_steps,
                "guidance": guidance, "reference": metrics["reference"],
                "feature_extractor": metrics["feature_extractor"]}
         return row
