@@ -4,6 +4,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import run_suite
+import runner
 
 SUITES = str(Path(run_suite.__file__).resolve().parent / "suites")
 
@@ -15,5 +16,5 @@ def compose_suite(overrides):
 
 def run(overrides):
     cfg = compose_suite(overrides)
-    suite = run_suite.resolve_suite(cfg)
-    return run_suite.SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
+    suite = runner.resolve_suite(cfg)
+    return runner.SUITE_KINDS[suite.get("kind", "train")](cfg, suite)

@@ -2,7 +2,6 @@
 
 Most tests use a cheap registered pixel-pooling extractor so the plumbing (batching, caching, npz references)
 runs in milliseconds; a few use the offline Inception port on tiny sets (Inception resizes to 299 internally)."""
-import os
 
 import numpy as np
 import pytest

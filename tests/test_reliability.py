@@ -13,7 +13,6 @@ import pytest
 
 from backbones.registry import ConfigError
 from diffusion.checkpoint import atomic_write_text
-from suite_helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffusion.edm import EDMDenoiser, edm_loss, loss_weight, precond_coefficients
+from diffusion.edm import EDMDenoiser, edm_loss, loss_weight
 from routing import RoutedNetwork, Route
 from toy_backbones import AdditiveStack
 
