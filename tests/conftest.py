@@ -2,7 +2,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning: with spinning, two processes with two threads each on
+# two cores slow each other down tens of times (seen here at load ~10), which subprocess tests create.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
