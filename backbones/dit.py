@@ -69,15 +69,5 @@ class DiT(ConditionedPatchStack, BlockStack):
         super().__init__()
         self._init_io(input_size, patch_size, in_channels, hidden_size, num_classes)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.apply(_xavier_linear)
-        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        self._init_io_weights()
+        self._init_dit_weights()
 
-
-def _xavier_linear(module):
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

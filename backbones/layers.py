@@ -86,6 +86,13 @@ def unpatchify(x: torch.Tensor, rows: int, cols: int, patch: int, channels: int)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, rows * patch, cols * patch)
 
 
+def xavier_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class ConditionedPatchStack(nn.Module):
     """The embed/head half every backbone here shares: patches + pos-embed in, patches out,
     timestep + class embedding as the conditioning vector."""
@@ -101,6 +108,15 @@ class ConditionedPatchStack(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid_size)[None], persistent=False)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+
+    def _init_dit_weights(self):
+        """DiT's init: xavier linears, adaLN-Zero (every block's modulation starts at zero, so each
+        residual branch starts closed), then the embedders and the zero head."""
+        self.apply(xavier_linear)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        self._init_io_weights()
 
     def _init_io_weights(self):
         w = self.x_embedder.proj.weight.data

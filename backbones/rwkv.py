@@ -253,15 +253,5 @@ class DiffusionRWKV(ConditionedPatchStack, BlockStack):
             raise ConfigError(f"rwkv hidden_size {hidden_size} must be divisible by 4 (q-shift quarters, 2-D pos-embed)")
         self._init_io(input_size, patch_size, in_channels, hidden_size, num_classes)
         self.blocks = nn.ModuleList(RWKVBlock(hidden_size, i, depth, hidden_rate) for i in range(depth))
-        self.apply(_xavier_linear)  # fancy-init parameters are nn.Parameters, not Linear: untouched
-        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        self._init_io_weights()
+        self._init_dit_weights()  # fancy-init parameters are nn.Parameters, not Linear: untouched
 
-
-def _xavier_linear(module):
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
