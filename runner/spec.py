@@ -39,6 +39,10 @@ class RunSpec:
         return f"{self.backbone}-{self.size.replace('/', '')}-{self.method}"
 
     def routes_str(self) -> str:
+        """Resolved routes (negative ends counted from the top) once validate_run has run."""
+        resolved = getattr(self, "resolved_routes", None)
+        if resolved is not None:
+            return " ".join(map(str, resolved)) or "none"
         return " ".join(f"r({r['start']}->{r['end']})@{r['rate']:g}" for r in self.routes) or "none"
 
 
@@ -66,6 +70,7 @@ def validate_run(run: RunSpec, data_shape, num_classes: int):
     with torch.device("meta"):
         den = build_denoiser(run.backbone, run.size, data_shape, num_classes, run.routes, run.selection,
                              **run.overrides)
+    run.resolved_routes = den.net.routes  # not a dataclass field: stays out of asdict() and the config hash
     return den
 
 

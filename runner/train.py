@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import sys
 import traceback
 from pathlib import Path
@@ -15,7 +16,7 @@ from measure.results import environment, upsert_csv
 
 from .spec import RunSpec, config_hash, expand_runs, pick_device, validate_run
 
-RUN_KEY = ["suite", "scale", "run_id", "step"]
+RUN_KEY = ["suite", "scale", "run_id", "seed", "step"]
 
 
 def train_macs_per_image(run: RunSpec, data_shape, num_classes: int) -> float:
@@ -46,7 +47,7 @@ def fid_reference(suite: DictConfig, eval_cfg):
 
 
 def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict):
-    """Train (or resume) one run; returns (summary, evaluation rows)."""
+    """Train (or resume) one run; returns (summary, trainer); trainer.evals holds the evaluation rows."""
     from diffusion.train import Trainer, TrainConfig, build_denoiser
     from measure.evaluate import EvalConfig, FIDEvaluator
 
@@ -72,7 +73,7 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
 
     summary = trainer.train(on_eval=on_eval, eval_every=eval_cfg.every)
     summary.update(resumed=resumed, params=sum(p.numel() for p in den.net.backbone.parameters()))
-    return summary, trainer.evals
+    return summary, trainer
 
 
 def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
@@ -97,26 +98,33 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         results_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_dir / f"{suite.name}_{cfg.scale.name}_config.yaml", OmegaConf.to_yaml(suite))
     rows, failures = [], []
+    seed = int(suite.get("seed", 0))
     for run in runs:
-        run_dir = runs_root / run.run_id
-        snapshot = {"suite": resolved, "run": run.__dict__}
+        run_dir = runs_root / (run.run_id if seed == 0 else f"{run.run_id}-seed{seed}")
+        snapshot = {"suite": resolved, "run": asdict(run)}
         digest = config_hash(snapshot)
         done_file = run_dir / "result.json"
         if not cfg.force and done_file.exists():
             done = json.loads(done_file.read_text())
             if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
                 print(f"[{run.run_id}] finished earlier, skipped (force=true reruns it)")
-                rows.extend(done)
+                rows.extend({**row, "routes": run.routes_str()} for row in done)  # resolved route notation
                 continue
-        if main_process and run_dir.exists() and (cfg.force or not (run_dir / "checkpoint.pt").exists()):
+        hash_file = run_dir / "config_hash"
+        resumable = (run_dir / "checkpoint.pt").exists() and hash_file.exists() and hash_file.read_text() == digest
+        if main_process and run_dir.exists() and (cfg.force or not resumable):
+            # never resume a checkpoint written under another configuration
             for stale in ("checkpoint.pt", "stats.jsonl", "result.json"):
                 (run_dir / stale).unlink(missing_ok=True)
+        if main_process:
+            atomic_write_text(hash_file, digest)
         print(f"[{run.run_id}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
         base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
                 "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
                 "seed": int(suite.get("seed", 0)), **environment(device), "config_hash": digest}
         try:
-            summary, evals = train_one(run, suite, data, run_dir, device, snapshot)
+            summary, trainer = train_one(run, suite, data, run_dir, device, snapshot)
+            evals = trainer.evals
             base.update(params=summary["params"], steps=summary["steps"], final_loss=summary["final_loss"],
                         samples_per_s=summary["samples_per_s"], status="ok", error="")
             run_rows = [{**base, **e} for e in evals]

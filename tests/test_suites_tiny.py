@@ -1,0 +1,80 @@
+"""Every suite's scale=tiny version composes and runs to its CSV; multirun with the local launcher."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from suite_helpers import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TRAIN_SUITES = {"smoke": "smoke.csv", "dit_scaling": "dit_scaling_runs.csv",
+                "selection_rate": "selection_rate_runs.csv", "route_ablation": "route_ablation_runs.csv",
+                "arch_agnostic": "arch_agnostic_runs.csv", "mini_repro": "mini_repro_runs.csv"}
+
+
+@pytest.mark.parametrize("suite", sorted(TRAIN_SUITES))
+def test_tiny_train_suite_runs_to_csv(tmp_path, suite):
+    overrides = [f"suite={suite}", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
+                 "suite.train.steps=4", "suite.data.limit=64", "suite.eval.samples=0"]
+    assert run(overrides) == 0
+    table = pd.read_csv(tmp_path / "r" / TRAIN_SUITES[suite])
+    assert set(table.status) == {"ok"} and (table.steps == 4).all()
+    assert table.method.iloc[0] == "baseline" and table.method.nunique() >= 2
+    speed = pd.read_csv(tmp_path / "r" / f"{suite}_speedup.csv")
+    assert len(speed) == table.method.nunique() * table.backbone.nunique() - table.backbone.nunique()
+    assert (speed.flop_ratio > 1).all()
+
+
+def test_arch_agnostic_tiny_has_all_three_backbones_with_rows_for_scans(tmp_path):
+    assert run(["suite=arch_agnostic", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
+                "suite.train.steps=4", "suite.data.limit=64", "suite.eval.samples=0"]) == 0
+    table = pd.read_csv(tmp_path / "r" / "arch_agnostic_runs.csv")
+    selection = dict(zip(table[table.method == "tread"].backbone, table[table.method == "tread"].selection))
+    assert selection == {"dit": "random", "rwkv": "rows", "mamba": "rows"}
+
+
+def test_throughput_protocol_tiny_produces_every_column(tmp_path):
+    assert run(["suite=throughput", "scale=tiny", f"results_dir={tmp_path}/r", "suite.rounds=2",
+                "suite.backbones=[{name:dit,size:tiny}]"]) == 0
+    table = pd.read_csv(tmp_path / "r" / "throughput.csv")
+    for col in ("mean_ms", "p50_ms", "p90_ms", "samples_per_s", "peak_mem_mb", "batch", "precision", "device",
+                "torch", "measured_speedup", "predicted_speedup", "measured_over_predicted"):
+        assert col in table.columns
+    tread = table[table.method == "tread"].iloc[0]
+    assert np.isfinite(tread.measured_speedup) and tread.predicted_speedup > 1
+    assert (tmp_path / "r" / "throughput.md").exists()
+
+
+def test_flops_tiny_table(tmp_path):
+    assert run(["suite=flops", "scale=tiny", f"results_dir={tmp_path}/r",
+                "suite.backbones=[{name:dit,size:tiny},{name:rwkv,size:tiny},{name:mamba,size:tiny}]"]) == 0
+    table = pd.read_csv(tmp_path / "r" / "flops.csv")
+    assert len(table) == 3 and (table.ratio > 1).all() and (table.counter_rel_diff < 0.02).all()
+
+
+def test_guidance_tiny(tmp_path):
+    assert run(["suite=guidance", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
+                "suite.train.steps=4", "suite.eval.samples=4", "suite.eval.batch=4"]) == 0
+    table = pd.read_csv(tmp_path / "r" / "guidance.csv")
+    assert table["mode"].tolist() == ["unguided", "cfg", "rate_guidance"]
+    cost = dict(zip(table["mode"], table.cost_vs_unguided))
+    assert cost["unguided"] == 1 and cost["cfg"] == 2 and 0.5 < cost["rate_guidance"] < 2
+    assert table.fid.notna().all()
+
+
+def test_multirun_with_the_local_launcher(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "run_suite.py", "-m", "suite=smoke", "scale=tiny", "suite.seed=0,1",
+                          "suite.train.steps=3", "suite.data.limit=64", f"results_dir={tmp_path}/r",
+                          f"runs_dir={tmp_path}/runs", f"hydra.sweep.dir={tmp_path}/sweep"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "r" / "smoke.csv")
+    # one row per run and seed: the second job neither replaced nor resumed the first one's runs
+    assert sorted(table.seed.tolist()) == [0, 0, 1, 1]
+    assert table.groupby("seed").final_loss.apply(tuple).nunique() == 2
