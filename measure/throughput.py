@@ -101,15 +101,13 @@ def cpu_peak_rss_mb(spec: dict, precision: str = "fp32") -> float:
     return float(value)
 
 
-def predicted_speedup(spec_base: dict, spec_method: dict) -> float:
-    """Training-MAC ratio baseline / method from the torch counter on the meta device."""
+def forward_macs(spec: dict) -> float:
+    """Forward MACs per image of ``spec``'s network (torch counter on the meta device); the training-MAC
+    ratio of two specs is the ratio of these, since training = 3 x forward for both."""
     from measure.flops import count_forward_macs
 
-    def macs(spec):
-        with torch.device("meta"):
-            den = build_denoiser(spec["backbone"], spec["size"], spec["data_shape"], spec["num_classes"],
-                                 spec.get("routes", ()), spec.get("selection", "auto"), **spec.get("overrides", {}))
-        c, h, _ = spec["data_shape"]
-        return count_forward_macs(den.net, h, c, spec["num_classes"], routed=bool(spec.get("routes")))["torch_macs"]
-
-    return macs(spec_base) / macs(spec_method)
+    with torch.device("meta"):
+        den = build_denoiser(spec["backbone"], spec["size"], spec["data_shape"], spec["num_classes"],
+                             spec.get("routes", ()), spec.get("selection", "auto"), **spec.get("overrides", {}))
+    c, h, _ = spec["data_shape"]
+    return count_forward_macs(den.net, h, c, spec["num_classes"], routed=bool(spec.get("routes")))["torch_macs"]

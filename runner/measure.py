@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.checkpoint import atomic_write_text
 from measure.results import environment, upsert_csv, write_markdown
 
-from .spec import RunSpec, method_entries, pick_device, validate_run
+from .spec import expand_runs, pick_device, validate_run
 
 
 def run_flops_suite(cfg: DictConfig, suite: DictConfig) -> int:
@@ -19,58 +19,58 @@ def run_flops_suite(cfg: DictConfig, suite: DictConfig) -> int:
     d = suite.data
     published = dict(suite.get("published") or {})
     rows = []
-    for entry, size, methods in method_entries(suite, cfg.scale):
-        for method, (routes, selection) in methods.items():
-            row = flops_table_row(entry.name, size, routes, selection, input_size=d.resolution,
-                                  in_channels=d.channels, num_classes=d.num_classes)
-            ref = published.get(f"{entry.name}-{size}")
-            row.update(suite=suite.name, scale=cfg.scale.name, method=method, published_gflops=ref,
-                       published_rel_err=(row["gflops_fwd"] - ref) / ref if ref else None)
-            print(f"{entry.name} {size} {method}: {row['gflops_fwd']:.2f} -> {row['gflops_fwd_routed']:.2f} GFLOPs "
-                  f"(x{row['ratio']:.2f}; counters differ by {100 * row['counter_rel_diff']:.2f}%)")
-            rows.append(row)
+    for run in expand_runs(suite, cfg.scale):
+        row = flops_table_row(run.backbone, run.size, run.routes, run.selection, input_size=d.resolution,
+                              in_channels=d.channels, num_classes=d.num_classes)
+        ref = published.get(f"{run.backbone}-{run.size}")
+        row.update(suite=suite.name, scale=cfg.scale.name, method=run.method, published_gflops=ref,
+                   published_rel_err=(row["gflops_fwd"] - ref) / ref if ref else None)
+        print(f"{run.backbone} {run.size} {run.method}: {row['gflops_fwd']:.2f} -> {row['gflops_fwd_routed']:.2f} "
+              f"GFLOPs (x{row['ratio']:.2f}; counters differ by {100 * row['counter_rel_diff']:.2f}%)")
+        rows.append(row)
     return write_table(cfg, suite, rows, ["suite", "scale", "backbone", "size", "method"],
                         ["FLOPs: " + rows[0]["convention"] if rows else ""])
 
 
 def run_throughput_suite(cfg: DictConfig, suite: DictConfig) -> int:
     """results/<suite>.csv: interleaved training-step timing of every method per backbone."""
-    from measure.throughput import cpu_peak_rss_mb, make_train_step, measure_interleaved, predicted_speedup
+    from measure.throughput import cpu_peak_rss_mb, forward_macs, make_train_step, measure_interleaved
 
     device = pick_device(cfg.device)
     precision = suite.precision if suite.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    cpu_rss = device == "cpu" and suite.get("cpu_peak_rss", True)
+    memory_kind = "cuda max allocated" if device == "cuda" else ("process peak RSS" if cpu_rss else "not measured")
     d = suite.data
     shape = (d.channels, d.resolution, d.resolution)
+    runs = expand_runs(suite, cfg.scale)
+    for run in runs:  # validate every run before anything is timed
+        validate_run(run, shape, d.num_classes)
     rows = []
-    for entry, size, methods in method_entries(suite, cfg.scale):
-        specs = {m: dict(backbone=entry.name, size=size, routes=r, selection=sel, data_shape=shape,
-                         num_classes=d.num_classes, batch=suite.batch, overrides=dict(entry.get("overrides") or {}))
-                 for m, (r, sel) in methods.items()}
-        for spec in specs.values():  # validate before anything runs
-            validate_run(RunSpec(suite.name, cfg.scale.name, spec["backbone"], size, "-", spec["routes"],
-                                 spec["selection"], spec["overrides"]), shape, d.num_classes)
+    for backbone, size in dict.fromkeys((r.backbone, r.size) for r in runs):
+        group = {r.method: r for r in runs if (r.backbone, r.size) == (backbone, size)}
+        specs = {m: dict(backbone=backbone, size=size, routes=r.routes, selection=r.selection, data_shape=shape,
+                         num_classes=d.num_classes, batch=suite.batch, overrides=r.overrides)
+                 for m, r in group.items()}
         steps = {m: make_train_step(spec, device, precision) for m, spec in specs.items()}
         timing = measure_interleaved(steps, suite.warmup, suite.rounds, device)
-        base = timing[suite.baseline]
+        macs = {m: forward_macs(spec) for m, spec in specs.items()}
+        base = suite.baseline
         for m, t in timing.items():
-            predicted = predicted_speedup(specs[suite.baseline], specs[m])
-            measured = base["p50_s"] / t["p50_s"]
-            peak = t["peak_mem_mb"]
-            if device == "cpu" and suite.get("cpu_peak_rss", True):
-                peak = cpu_peak_rss_mb(specs[m], precision)
-            rows.append({"suite": suite.name, "scale": cfg.scale.name, "backbone": entry.name, "size": size,
-                         "method": m, "routes": RunSpec("", "", "", "", "", specs[m]["routes"], "").routes_str(),
-                         "batch": suite.batch, "precision": precision, "steps_measured": t["n"],
-                         "warmup_steps": suite.warmup, "mean_ms": 1e3 * t["mean_s"], "p50_ms": 1e3 * t["p50_s"],
-                         "p90_ms": 1e3 * t["p90_s"], "samples_per_s": suite.batch / t["mean_s"],
-                         "peak_mem_mb": peak, "peak_mem_kind": "cuda max allocated" if device == "cuda"
-                         else ("process peak RSS" if suite.get("cpu_peak_rss", True) else "not measured"), "measured_speedup": measured, "predicted_speedup": predicted,
+            predicted = macs[base] / macs[m]
+            measured = timing[base]["p50_s"] / t["p50_s"]
+            peak = cpu_peak_rss_mb(specs[m], precision) if cpu_rss else t["peak_mem_mb"]
+            rows.append({"suite": suite.name, "scale": cfg.scale.name, "backbone": backbone, "size": size,
+                         "method": m, "routes": group[m].routes_str(), "batch": suite.batch, "precision": precision,
+                         "steps_measured": t["n"], "warmup_steps": suite.warmup, "mean_ms": 1e3 * t["mean_s"],
+                         "p50_ms": 1e3 * t["p50_s"], "p90_ms": 1e3 * t["p90_s"],
+                         "samples_per_s": suite.batch / t["mean_s"], "peak_mem_mb": peak,
+                         "peak_mem_kind": memory_kind, "measured_speedup": measured, "predicted_speedup": predicted,
                          "measured_over_predicted": measured / predicted, **environment(device)})
-            print(f"{entry.name} {size} {m}: p50 {1e3 * t['p50_s']:.1f} ms, speedup {measured:.3f} "
+            print(f"{backbone} {size} {m}: p50 {1e3 * t['p50_s']:.1f} ms, speedup {measured:.3f} "
                   f"(FLOPs predict {predicted:.3f})")
     return write_table(cfg, suite, rows, ["suite", "scale", "backbone", "size", "method"],
-                        ["Interleaved A B A B after warm-up; speedup = baseline p50 / method p50; predicted = "
-                         "training-MAC ratio."])
+                       ["Interleaved A B A B after warm-up; speedup = baseline p50 / method p50; predicted = "
+                        "training-MAC ratio."])
 
 
 def write_table(cfg, suite, rows, key, notes) -> int:

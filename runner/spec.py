@@ -76,13 +76,3 @@ def validate_run(run: RunSpec, data_shape, num_classes: int):
 
 def config_hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def method_entries(suite: DictConfig, scale: DictConfig):
-    """(backbone entry, size, {method: (routes, selection)}) for measurement suites."""
-    for entry in suite.backbones:
-        size = scale.size or entry.size
-        methods = {m: ([dict(r) for r in (spec.get("routes") or [])],
-                       spec.get("selection", entry.get("selection", suite.get("selection", "auto"))))
-                   for m, spec in suite.methods.items() if spec is not None}
-        yield entry, size, methods
