@@ -3,6 +3,7 @@ from .protocol import BlockStack, Grid
 from .registry import ConfigError, backbone_sizes, build_backbone, list_backbones, register_backbone
 
 from . import dit  # noqa: F401  (registers "dit")
+from . import lightningdit  # noqa: F401  (registers "lightningdit")
 
 for _optional in ("rwkv", "mamba"):
     try:

@@ -38,7 +38,7 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c, grid=None):  # grid unused: attention is permutation-equivariant
+    def forward(self, x, c, grid=None, positions=None):  # both unused: attention is permutation-equivariant
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -58,6 +58,8 @@ DIT_SIZES = {
     "XL/4": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=4),
     "XL/8": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=8),
     # CPU-test size: 6 blocks of width 64 over an 8x8 token grid (32x32 input, patch 4).
+    # CPU-study size (scale=cpu): the paper's 12 blocks, so its routes apply unchanged, at width 64.
+    "XS/4": dict(depth=12, hidden_size=64, num_heads=4, patch_size=4),
     "tiny": dict(depth=6, hidden_size=64, num_heads=4, patch_size=4),
 }
 

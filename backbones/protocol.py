@@ -5,12 +5,18 @@ router can drive it without knowing what is inside:
 
     tokens, cond = backbone.embed(x, noise_labels, class_labels)   # (B, N, D), (B, D)
     for block in backbone.blocks:                                  # nn.ModuleList
-        tokens = block(tokens, cond, grid)                         # grid = (rows, cols) or None
+        tokens = block(tokens, cond, grid, positions)              # grid = (rows, cols) or None
     out = backbone.head(tokens, cond)                              # same shape as x
 
 ``grid`` is the (rows, cols) shape of the tokens currently in the sequence, in raster order,
 or ``None`` when they do not form a grid (e.g. after random selection). Blocks whose mixing
 depends on spatial neighbours (q-shift, scans) use it; attention blocks ignore it.
+
+``positions`` is always given: a (B, n) LongTensor with, for every token the block holds, its
+index in the full raster-order grid ``backbone.grid_size`` (row = index // cols, col = index %
+cols). On the full sequence it is ``arange(N)`` for every sample; inside a route it is the kept
+ids (per sample, ascending). Blocks that encode position themselves (RoPE) use it to place each
+token at its true position; blocks that do not need it ignore it.
 """
 from __future__ import annotations
 
@@ -20,6 +26,11 @@ import torch
 from torch import nn
 
 Grid = Optional[Tuple[int, int]]
+
+
+def full_positions(batch: int, num_tokens: int, device) -> torch.Tensor:
+    """Positions of the full sequence: ``arange(num_tokens)`` for every sample, shape (B, N)."""
+    return torch.arange(num_tokens, device=device).expand(batch, num_tokens)
 
 
 class BlockStack(nn.Module):
@@ -52,6 +63,7 @@ class BlockStack(nn.Module):
     def forward(self, x, noise_labels, class_labels):
         """Plain full-sequence forward (no routing)."""
         tokens, cond = self.embed(x, noise_labels, class_labels)
+        positions = full_positions(tokens.shape[0], tokens.shape[1], tokens.device)
         for block in self.blocks:
-            tokens = block(tokens, cond, self.grid_size)
+            tokens = block(tokens, cond, self.grid_size, positions)
         return self.head(tokens, cond)

@@ -5,7 +5,7 @@ WKV, sigmoid(r) * wkv, output) and a channel mix (q-shift, squared-ReLU key, sig
 in a DiT-style residual branch (LayerNorm without affine, shift/scale/gate from the conditioning
 vector, gates zero-initialised). Embed and head are the shared ``ConditionedPatchStack``, so this
 backbone differs from DiT only in its token mixer. Not carried over from the reference code: its
-U-ViT long skips (a block here sees only ``(tokens, cond, grid)``) and the ``ln0`` on the residual
+U-ViT long skips (a block here sees only ``(tokens, cond, grid, positions)``) and the ``ln0`` on the residual
 stream of block 0 (the shared embed is the same for every backbone).
 
 Bi-WKV, per channel over T tokens in raster order, with w = decay / T and u = first / T:
@@ -215,7 +215,7 @@ class ChannelMix(nn.Module):
 
 
 class RWKVBlock(nn.Module):
-    """Bi-RWKV block with adaLN-Zero: ``block(x, cond, grid)``."""
+    """Bi-RWKV block with adaLN-Zero: ``block(x, cond, grid, positions)``."""
 
     def __init__(self, dim: int, layer_id: int, depth: int, hidden_rate: int = 4):
         super().__init__()
@@ -225,7 +225,7 @@ class RWKVBlock(nn.Module):
         self.channel_mix = ChannelMix(dim, layer_id, depth, hidden_rate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, grid=None):
+    def forward(self, x, c, grid=None, positions=None):  # positions unused: q-shift and the scan use grid
         shift_s, scale_s, gate_s, shift_c, scale_c, gate_c = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_s.unsqueeze(1) * self.spatial_mix(modulate(self.norm1(x), shift_s, scale_s), grid)
         return x + gate_c.unsqueeze(1) * self.channel_mix(modulate(self.norm2(x), shift_c, scale_c), grid)
@@ -238,6 +238,7 @@ RWKV_SIZES = {
     "L/2": dict(depth=24, hidden_size=1024, patch_size=2),
     "XL/2": dict(depth=28, hidden_size=1152, patch_size=2),
     # CPU-test size: 6 blocks of width 64 over an 8x8 token grid (32x32 input, patch 4).
+    "XS/4": dict(depth=12, hidden_size=64, patch_size=4),  # CPU-study size (scale=cpu)
     "tiny": dict(depth=6, hidden_size=64, patch_size=4),
 }
 

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from backbones.protocol import BlockStack
+from backbones.protocol import BlockStack, full_positions
 from backbones.registry import ConfigError
 
 from .routes import Route, parse_routes, validate_routes
@@ -90,24 +90,27 @@ class RoutedNetwork(nn.Module):
         starts = {r.start: r for r in routes}
         ends = {r.end for r in routes}
         grid, full_grid = bb.grid_size, bb.grid_size
+        # Each block also gets the positions (indices in the full grid) of the tokens it holds:
+        # all of them outside a route, the kept ids inside one.
+        positions = all_positions = full_positions(tokens.shape[0], tokens.shape[1], tokens.device)
         masks, saved, ids, fp32_next = [], None, None, False
         for idx, block in enumerate(bb.blocks):
             if idx in starts:
                 saved = tokens
                 ids, grid = self._select(tokens.shape[0], full_grid, tokens.shape[1], starts[idx].rate, tokens.device)
-                tokens = gather_tokens(tokens, ids)
+                tokens, positions = gather_tokens(tokens, ids), ids
                 if return_token_masks:
                     mask = torch.zeros(saved.shape[:2], dtype=torch.bool, device=saved.device)
                     masks.append(mask.scatter_(1, ids, True).view(-1, *full_grid))
             if fp32_next and tokens.device.type != "meta":  # meta (FLOP counting) has no autocast
                 with torch.autocast(device_type=tokens.device.type, enabled=False):
-                    tokens = block(_at_least_fp32(tokens), _at_least_fp32(cond), grid)
+                    tokens = block(_at_least_fp32(tokens), _at_least_fp32(cond), grid, positions)
                 fp32_next = False
             else:
-                tokens = block(tokens, cond, grid)
+                tokens = block(tokens, cond, grid, positions)
             if idx in ends:
                 tokens = scatter_tokens(saved, ids, tokens)
-                grid, saved, ids = full_grid, None, None
+                grid, positions, saved, ids = full_grid, all_positions, None, None
                 fp32_next = self.fp32_after_route and idx + 1 < bb.depth
         out = bb.head(tokens, cond)
         return (out, masks) if return_token_masks else out

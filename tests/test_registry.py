@@ -19,7 +19,7 @@ class MixerBlock(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
-    def forward(self, x, cond, grid):
+    def forward(self, x, cond, grid, positions):
         ctx = x.mean(dim=1, keepdim=True).expand_as(x)
         return x + self.gate(cond).unsqueeze(1) * self.mlp(torch.cat([x, ctx], dim=-1))
 

@@ -129,6 +129,26 @@ def test_row_selection_keeps_whole_rows_and_hands_blocks_the_smaller_grid():
     assert random_net.backbone.blocks[1].calls[0]["grid"] is None
 
 
+@pytest.mark.parametrize("selection", ["random", "rows"])
+def test_blocks_receive_the_full_grid_positions_of_the_tokens_they_hold(selection):
+    stack = AdditiveStack(depth=6, rows=4, cols=6)
+    net = RoutedNetwork(stack, [Route(1, 2, 0.5), Route(3, 4, 0.25)], selection=selection, seed=2).train()
+    x, t, y = toy_inputs(batch=3, rows=4, cols=6)
+    _, masks = net(x.float(), t, y, return_token_masks=True)
+    full = torch.arange(24).expand(3, 24)
+    for k in (0, 5):  # outside the routes: every token, in raster order
+        assert torch.equal(stack.blocks[k].calls[0]["positions"], full)
+    for blocks, mask in (((1, 2), masks[0]), ((3, 4), masks[1])):
+        kept = mask.flatten(1)
+        for k in blocks:  # inside a route: the kept tokens' own indices, per sample, ascending
+            pos = stack.blocks[k].calls[0]["positions"]
+            assert pos.dtype == torch.long and pos.shape == (3, int(kept[0].sum()))
+            assert all(torch.equal(pos[b], kept[b].nonzero().squeeze(1)) for b in range(3))
+    # the plain (unrouted) forward hands every block the full positions too
+    stack(x.float(), t, y)
+    assert all(torch.equal(block.calls[-1]["positions"], full) for block in stack.blocks)
+
+
 def test_block_after_route_end_runs_in_fp32_without_autocast():
     stack = AdditiveStack(depth=5)
     net = RoutedNetwork(stack, [Route(1, 2, 0.5)]).train()

@@ -6,15 +6,15 @@ from backbones.protocol import BlockStack
 
 
 class AddBlock(nn.Module):
-    """x + c_k (a learnable constant); records the grid and autocast state it was called with."""
+    """x + c_k (a learnable constant); records the grid, positions and autocast state it was called with."""
 
     def __init__(self, value: float):
         super().__init__()
         self.c = nn.Parameter(torch.tensor(float(value)))
         self.calls = []
 
-    def forward(self, x, cond, grid):
-        self.calls.append({"grid": grid, "n": x.shape[1], "dtype": x.dtype,
+    def forward(self, x, cond, grid, positions):
+        self.calls.append({"grid": grid, "positions": positions, "n": x.shape[1], "dtype": x.dtype,
                            "autocast": torch.is_autocast_enabled(x.device.type)})
         return x + self.c
 
