@@ -6,14 +6,16 @@ forwards and backwards with two Mamba mixers and sums them; conditioning is DiT'
 
 The mixer has exactly ``mamba_ssm.Mamba``'s parameters (names, shapes, init), so one checkpoint
 runs on two paths: the fused CUDA kernels of ``mamba_ssm`` / ``causal_conv1d`` when they import
-and the tensor is on CUDA, otherwise a pure-PyTorch path (depthwise conv + chunked parallel scan)
-that also runs on CPU. ``mamba_ssm`` is imported lazily: it fails to import on CPU machines.
+and the tensor is on CUDA, otherwise a pure-PyTorch path (depthwise conv + a scan run step by
+step on CPU, as a chunked parallel scan elsewhere) that also runs on CPU. ``mamba_ssm`` is
+imported lazily: it fails to import on CPU machines.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import threading
 
 import torch
 from torch import nn
@@ -84,48 +86,95 @@ def _linear_scan_(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> to
     return b
 
 
-def _step_sizes(delta: torch.Tensor, delta_bias: torch.Tensor, softplus: bool) -> torch.Tensor:
-    raw = delta + delta_bias
-    return F.softplus(raw) if softplus else raw
+def _sequential_scan_(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """In place, the same recurrence as :func:`_linear_scan_`, one step at a time: one addcmul per
+    step over everything else (batch, states, channels). One pass over memory, the fewest of any
+    order; on CPU, where every op runs its elements one core after another anyway, it is the
+    fastest as long as a step holds a few thousand elements."""
+    length = b.shape[0]
+    if reverse:
+        for t in range(length - 2, -1, -1):
+            b[t].addcmul_(a[t], b[t + 1])
+    else:
+        for t in range(1, length):
+            b[t].addcmul_(a[t], b[t - 1])
+    return b
 
 
-def _decays(dt: torch.Tensor, A: torch.Tensor, extra_step: bool = False) -> torch.Tensor:
-    """exp(dt A), (L, B, D, N). With ``extra_step`` one zero step is appended, so that
-    ``out[1:]`` is the decay of the next step (what the backward recurrence multiplies by)."""
+def _scan_(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """The scan this device runs best: step by step on CPU, chunked elsewhere (few kernel launches)."""
+    if b.device.type == "cpu":
+        return _sequential_scan_(a, b, reverse)
+    return _linear_scan_(a, b, reverse)
+
+
+# Scratch memory for the CPU tiles, reused from tile to tile and call to call (per thread): a fresh
+# multi-megabyte buffer is fresh pages from the OS, and the page faults cost as much as the
+# arithmetic written into it. Tile tensors built here never leave the scan functions.
+_scratch = threading.local()
+
+
+def _buffer(slot: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` (like's dtype and device), for CPU tiles from a reused
+    per-thread buffer ``slot``; elsewhere a fresh one (the CUDA caching allocator reuses memory)."""
+    if like.device.type != "cpu" or torch.jit.is_tracing():  # the tracer cannot see older tensors
+        return like.new_empty(shape)
+    numel, buffers = math.prod(shape), _scratch.__dict__.setdefault("buffers", {})
+    key = (slot, like.dtype)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buffers[key] = buf = like.new_empty(numel)
+    return buf[:numel].view(shape)
+
+
+# The (L, B, D_inner, N) work is laid out (L, B, N, D_inner): channels innermost (contiguous and
+# long), so that broadcasts over states and sums over states run vectorised over channels, and the
+# contractions with B and C over the 16 states are batched (1 x N) @ (N x D) products.
+
+def _decays(dt: torch.Tensor, At: torch.Tensor, extra_step: bool = False) -> torch.Tensor:
+    """exp(dt A), (L, B, N, D) from dt (L, B, D) and At = A^T (N, D). With ``extra_step`` one zero
+    step is appended, so that ``out[1:]`` is the decay of the next step (what the backward
+    recurrence multiplies by)."""
     length = dt.shape[0]
-    out = dt.new_empty((length + int(extra_step),) + dt.shape[1:] + A.shape[-1:])
-    torch.mul(dt.unsqueeze(-1), A, out=out[:length]).exp_()
+    out = _buffer("decays", (length + int(extra_step),) + dt.shape[1:2] + At.shape, dt)
+    torch.mul(dt.unsqueeze(2), At, out=out[:length]).exp_()
     if extra_step:
         out[length:].zero_()
     return out
 
 
-def _states(a: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, B: torch.Tensor,
+def _states(a: torch.Tensor, dt_u: torch.Tensor, B: torch.Tensor,
             start: torch.Tensor | None = None, with_start: bool = False) -> torch.Tensor:
-    """h[t] = a[t] h[t-1] + dt[t] u[t] B[t], (L, B, D, N), from h[-1] = ``start`` (zero if None);
-    ``with_start`` prepends h[-1] as row 0."""
-    length = dt.shape[0]
-    out = dt.new_empty((length + int(with_start),) + dt.shape[1:] + B.shape[-1:])
+    """h[t] = a[t] h[t-1] + dt[t] u[t] B[t], (L, B, N, D), from h[-1] = ``start`` (zero if None);
+    ``dt_u`` (L, B, D), B (L, B, N); ``with_start`` prepends h[-1] as row 0."""
+    length = dt_u.shape[0]
+    out = _buffer("states", (length + int(with_start),) + B.shape[1:] + dt_u.shape[-1:], dt_u)
     h = out[int(with_start):]
-    torch.mul((dt * u).unsqueeze(-1), B.unsqueeze(2), out=h)
+    torch.mul(dt_u.unsqueeze(2), B.unsqueeze(-1), out=h)
     if start is not None:
         h[0].addcmul_(a[0], start)  # the incoming state enters through the first step's input
-    _linear_scan_(a[:length], h)
+    _scan_(a[:length], h)
     if with_start:
         out[0] = 0 if start is None else start
     return out
 
 
-def _readout(h: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """y[t, b, d] = sum_n h[t, b, d, n] C[t, b, n]. Products and sums, not matmul/einsum: these
-    contractions over 16 states are matrix-vector products that CPU BLAS runs several times slower."""
-    return (h * C.unsqueeze(2)).sum(-1)
+def _contract_states(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out[t, b, d] = sum_n h[t, b, n, d] v[t, b, n]: h (L, B, N, D) contiguous, v (L, B, N)."""
+    length, batch, states, channels = h.shape
+    return torch.bmm(v.reshape(length * batch, 1, states), h.view(length * batch, states, channels)).view(length, batch, channels)
 
 
-# CPU tiling of the (L, B, D_inner, N) work: tiles of at most _TIME_BLOCK steps and about
-# _SLAB_ELEMENTS elements (4 MB), so the working tensors stay in cache and the allocator reuses
-# them (fresh 50 MB buffers cost more in page faults than the arithmetic), and the cost stays
-# linear in L. The state is carried from one time block to the next.
+def _contract_channels(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out[t, b, n] = sum_d h[t, b, n, d] v[t, b, d]: h (L, B, N, D) contiguous, v (L, B, D)."""
+    length, batch, states, channels = h.shape
+    return torch.bmm(h.view(length * batch, states, channels), v.reshape(length * batch, channels, 1)).view(length, batch, states)
+
+
+# CPU tiling of the (L, B, N, D_inner) work: blocks of consecutive steps (all of the batch; channel
+# slabs only when one step alone exceeds the tile) of about _SLAB_ELEMENTS elements, so that the
+# working tensors stay in cache and the allocator reuses them (fresh 50 MB buffers cost more in
+# page faults than the arithmetic); the state is carried from one time block to the next.
 _SLAB_ELEMENTS = 1 << 20
 _TIME_BLOCK = 256
 
@@ -135,71 +184,76 @@ def _tiles(dt: torch.Tensor, d_state: int):
     length, batch, channels = dt.shape
     if dt.device.type != "cpu":
         return [slice(0, channels)], [slice(0, length)]
-    block = min(length, _TIME_BLOCK)
-    per_slab = max(1, _SLAB_ELEMENTS // (block * batch * d_state))
+    block = max(1, min(length, _TIME_BLOCK, _SLAB_ELEMENTS // (batch * d_state * channels)))
+    per_slab = max(1, min(channels, _SLAB_ELEMENTS // (block * batch * d_state)))
     return ([slice(c, min(c + per_slab, channels)) for c in range(0, channels, per_slab)],
             [slice(t, min(t + block, length)) for t in range(0, length, block)])
 
 
 class _SelectiveScan(torch.autograd.Function):
     """Selective scan on time-first tensors: u, delta, z (L, B, D); B, C (L, B, N); A (D, N); D,
-    delta_bias (D,). Saves its inputs and the state entering each time block, and recomputes the
-    (L, B, D, N) states in backward, as the CUDA kernel does: training memory stays O(L D)."""
+    delta_bias (D,). Saves O(L B D) tensors (inputs, step sizes, the output before the gate) and
+    the state entering each time block, and recomputes the (L, B, N, D) states in backward, as the
+    CUDA kernel does: training memory stays O(L D)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        dt = _step_sizes(delta, delta_bias, softplus)
+        raw = delta + delta_bias
+        dt = F.softplus(raw) if softplus else raw
+        dt_u = dt * u
+        At = A.t().contiguous()
         channels, times = _tiles(dt, A.shape[-1])
         y = torch.empty_like(u)
-        block_starts = u.new_zeros((len(times),) + u.shape[1:] + A.shape[-1:])  # state entering block k
+        block_starts = u.new_empty((len(times),) + u.shape[1:2] + A.shape[-1:] + u.shape[2:])  # state entering block k
+        block_starts[0] = 0
         for cs in channels:
             for k, ts in enumerate(times):
-                start = block_starts[k, :, cs] if k else None
-                h = _states(_decays(dt[ts, :, cs], A[cs]), dt[ts, :, cs], u[ts, :, cs], B[ts], start)
-                y[ts, :, cs] = _readout(h, C[ts])
+                start = block_starts[k, :, :, cs] if k else None
+                h = _states(_decays(dt[ts, :, cs], At[:, cs]), dt_u[ts, :, cs], B[ts], start)
+                y[ts, :, cs] = _contract_states(h, C[ts])
                 if k + 1 < len(times):
-                    block_starts[k + 1, :, cs] = h[-1]
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, block_starts)
+                    block_starts[k + 1, :, :, cs] = h[-1]
+        y.addcmul_(u, D)  # the output before the gate, y + D u
+        ctx.save_for_backward(u, raw if softplus else None, dt, A, B, C, D, z, y, block_starts)
         ctx.softplus = softplus
-        return (y + u * D) * F.silu(z)
+        return y * F.silu(z)
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, delta, A, B, C, D, z, delta_bias, block_starts = ctx.saved_tensors
-        dt = _step_sizes(delta, delta_bias, ctx.softplus)
-        gate = torch.sigmoid(z)
-        grad_y = grad_out * z * gate
-        y, grad_u, grad_dt, grad_A = torch.empty_like(u), torch.empty_like(u), torch.empty_like(dt), torch.zeros_like(A)
-        grad_B, grad_C = torch.zeros_like(B), torch.zeros_like(C)
+        u, raw, dt, A, B, C, D, z, y, block_starts = ctx.saved_tensors
+        dt_u = dt * u
+        At = A.t().contiguous()
+        grad_y = grad_out * F.silu(z)
+        grad_h_B, grad_dt = torch.empty_like(u), torch.empty_like(dt)
+        grad_At, grad_B, grad_C = torch.zeros_like(At), torch.zeros_like(B), torch.zeros_like(C)
         channels, times = _tiles(dt, A.shape[-1])
         for cs in channels:
             carry = None  # a[t+1] dL/dh[t+1] for the first step t+1 of the block after this one
             for k in reversed(range(len(times))):
                 ts = times[k]
-                dt_s, u_s, grad_y_s = dt[ts, :, cs], u[ts, :, cs], grad_y[ts, :, cs]
-                decays = _decays(dt_s, A[cs], extra_step=True)  # decays[t] = a[t], decays[-1] = 0
-                states = _states(decays, dt_s, u_s, B[ts], block_starts[k, :, cs], with_start=True)
+                dt_s, grad_y_s = dt[ts, :, cs], grad_y[ts, :, cs]
+                decays = _decays(dt_s, At[:, cs], extra_step=True)  # decays[t] = a[t], decays[-1] = 0
+                states = _states(decays, dt_u[ts, :, cs], B[ts], block_starts[k, :, :, cs], with_start=True)
                 a, h, h_prev = decays[:-1], states[1:], states[:-1]  # h_prev[t] = h[t-1]
-                y[ts, :, cs] = _readout(h, C[ts])
-                grad_C[ts] += (h * grad_y_s.unsqueeze(-1)).sum(2)
+                grad_C[ts] += _contract_channels(h, grad_y_s)
                 # dL/dh[t] = grad_y[t] C[t] + a[t+1] dL/dh[t+1]: the same scan run backwards.
-                grad_h = grad_y_s.unsqueeze(-1) * C[ts].unsqueeze(2)
+                grad_h = torch.mul(grad_y_s.unsqueeze(2), C[ts].unsqueeze(-1), out=_buffer("grad_states", h.shape, h))
                 if carry is not None:
                     grad_h[-1] += carry
-                _linear_scan_(decays[1:], grad_h, reverse=True)
+                _scan_(decays[1:], grad_h, reverse=True)
                 carry = a[0] * grad_h[0]
+                grad_h_B[ts, :, cs] = _contract_states(grad_h, B[ts])  # input term dt[t] u[t] B[t]
+                grad_B[ts] += _contract_channels(grad_h, dt_u[ts, :, cs])
                 # a[t] = exp(dt[t] A): dL/d(dt A)[t] = dL/dh[t] h[t-1] a[t], built in the decays' buffer.
                 grad_log_decay = a.mul_(h_prev).mul_(grad_h)
-                grad_A[cs] += (grad_log_decay * dt_s.unsqueeze(-1)).sum((0, 1))
-                grad_h_B = _readout(grad_h, B[ts])  # input term dt[t] u[t] B[t]
-                grad_dt[ts, :, cs] = (grad_log_decay * A[cs]).sum(-1) + u_s * grad_h_B
-                grad_u[ts, :, cs] = dt_s * grad_h_B
-                grad_B[ts] += (grad_h * (dt_s * u_s).unsqueeze(-1)).sum(2)
-        grad_u += grad_y * D
+                grad_At[:, cs] += torch.mul(grad_log_decay, dt_s.unsqueeze(2), out=h).sum((0, 1))
+                grad_dt[ts, :, cs] = grad_log_decay.mul_(At[:, cs]).sum(2)
+        grad_dt.addcmul_(u, grad_h_B)
+        grad_u = torch.mul(grad_y, D).addcmul_(dt, grad_h_B)
         grad_D = (grad_y * u).sum((0, 1))
-        grad_z = grad_out * (y + u * D) * gate * (1 + z * (1 - gate))
-        grad_delta = grad_dt * torch.sigmoid(delta + delta_bias) if ctx.softplus else grad_dt
-        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta.sum((0, 1)), None
+        grad_z = torch.ops.aten.silu_backward(grad_out * y, z)
+        grad_delta = torch.ops.aten.softplus_backward(grad_dt, raw, 1.0, 20.0) if ctx.softplus else grad_dt
+        return grad_u, grad_delta, grad_At.t(), grad_B, grad_C, grad_D, grad_z, grad_delta.sum((0, 1)), None
 
 
 @torch.compiler.disable  # torch.compile would unroll the Python loops over steps; run it eagerly
@@ -291,7 +345,7 @@ class BidirectionalMambaBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the block starts as identity
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
-    def forward(self, x, c, grid=None):
+    def forward(self, x, c, grid=None, positions=None):
         shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=1)
         h = modulate(self.norm(x), shift, scale)
         mixed = self.forward_mixer(h) + self.backward_mixer(h.flip(1)).flip(1)
@@ -305,6 +359,7 @@ def _mamba_sizes():
     sizes = {f"{name}/{p}": dict(depth=d, hidden_size=w, patch_size=p)
              for name, (d, w) in widths.items() for p in (2, 4, 8)}
     # CPU-test size: 6 blocks of width 64 over an 8x8 token grid (32x32 input, patch 4).
+    sizes["XS/4"] = dict(depth=12, hidden_size=64, patch_size=4)  # CPU-study size (scale=cpu)
     sizes["tiny"] = dict(depth=6, hidden_size=64, patch_size=4)
     return sizes
 

@@ -65,13 +65,30 @@ def test_chunked_linear_scan_matches_loop(length, reverse):
     assert torch.allclose(mamba._linear_scan_(a, b.clone(), reverse), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 16, 17, 50])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sequential_linear_scan_matches_loop(length, reverse):
+    # the CPU path's scan (one op per step); the chunked one above runs on other devices
+    g = torch.Generator().manual_seed(length)
+    a = torch.rand(length, 3, 5, generator=g, dtype=F64) * 1.2
+    b = torch.randn(length, 3, 5, generator=g, dtype=F64)
+    expected = scan_loop(a, b, reverse)
+    assert torch.allclose(mamba._sequential_scan_(a, b.clone(), reverse), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scan", ["sequential", "chunked"])
 @pytest.mark.parametrize("length,slab,block", [(1, 1 << 20, 256), (5, 1 << 20, 256), (37, 1 << 20, 256),
-                                               (37, 8 * 2 * 4 * 2, 8)])
-def test_selective_scan_matches_sequential_recurrence(length, slab, block, monkeypatch):
-    # The last case tiles the work as the CPU path does for long sequences: time blocks of 8 steps
-    # (8, 8, 8, 8, 5; the state carried across) x channel slabs of 2 (2, 2, 2, 1).
+                                               (37, 2 * 4 * 7 * 5, 8), (37, 2 * 4 * 7 * 2, 8),
+                                               (37, 2 * 4 * 2, 8)])
+def test_selective_scan_matches_sequential_recurrence(length, slab, block, scan, monkeypatch):
+    # Batch 2, 7 channels, 4 states: one step holds 56 elements. The last three cases tile the work as
+    # the CPU path does for long sequences: time blocks of 5 steps (5, ..., 5, 2; the state carried
+    # across), of 2 steps, and of 1 step x channel slabs of 2 (2, 2, 2, 1). "chunked" runs the
+    # chunked scan (what other devices use) on CPU.
     monkeypatch.setattr(mamba, "_SLAB_ELEMENTS", slab)
     monkeypatch.setattr(mamba, "_TIME_BLOCK", block)
+    if scan == "chunked":
+        monkeypatch.setattr(mamba, "_scan_", mamba._linear_scan_)
     inputs = [t.requires_grad_() for t in scan_inputs(2, 7, 4, length)]
     u, delta, A, B, C, D, z, bias = inputs
     ours = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
