@@ -1,4 +1,4 @@
-"""Run a benchmark suite: ``python run_suite.py suite=<name> [scale=tiny] [force=true]``.
+"""Run a benchmark suite: ``python run_suite.py suite=<name> [scale=tiny] [force=true] [imports=[my_pkg.mod]]``.
 
 A suite (suites/suite/*.yaml) is configuration only: data, schedule, the backbones and the methods
 (route sets) to cross. runner/ expands it into runs, validates every run before any training
@@ -10,16 +10,22 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd
 from omegaconf import DictConfig
 
 from backbones.registry import ConfigError
-from runner import SUITE_KINDS, resolve_suite
+from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite
 
 
 @hydra.main(config_path="suites", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Errors are reported here, inside the task: Hydra would print a traceback, and it drops the return value.
     try:
+        # First: the modules they name register backbones that the suite may list.
+        import_user_modules(cfg.get("imports"), cwd=get_original_cwd())
+        # scale=auto (the default): full scale when the suite's data is configured, else the CPU scale
+        cfg = apply_auto_scale(cfg, HydraConfig.get().overrides.task, hydra.compose)
         suite = resolve_suite(cfg)
         kind = suite.get("kind", "train")
         if kind not in SUITE_KINDS:
