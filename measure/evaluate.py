@@ -31,19 +31,36 @@ class EvalConfig:
     vae: Optional[str] = None             # latent suites: AutoencoderKL (hub id or folder) to decode samples
     latent_scaling: float = 0.18215
     vae_batch: int = 32
+    fid_at: str = "every"                 # "every" evaluation point, or only the "final" one
+    # held-out evaluation loss at every evaluation point (measure/eval_loss.py); 0 images = off
+    loss_images: int = 0
+    loss_levels: int = 8
+    loss_seed: int = 2024
+    loss_batch: int = 256
+    loss_split: str = "test"
+    # a sample grid at every evaluation point: grid_per_class rows of up to 10 classes; 0 = off
+    grid_per_class: int = 0
+    grid_seed: int = 7
 
 
 @torch.no_grad()
 def generate(denoiser, count: int, data_shape, num_classes: int, sampler: SamplerConfig, seed: int,
              batch: int, device, progress: bool = False) -> torch.Tensor:
     """``count`` samples in [-1, 1] (float32, CPU), class labels cycling 0..num_classes-1; seeded."""
-    g = torch.Generator().manual_seed(seed)
     labels = torch.arange(count) % num_classes
-    noise = torch.randn(count, *data_shape, generator=g)
+    return generate_with_labels(denoiser, labels, data_shape, num_classes, sampler, seed, batch, device, progress)
+
+
+@torch.no_grad()
+def generate_with_labels(denoiser, labels: torch.Tensor, data_shape, num_classes: int, sampler: SamplerConfig,
+                         seed: int, batch: int, device, progress: bool = False) -> torch.Tensor:
+    """One sample per label in [-1, 1] (float32, CPU); the noise is drawn from ``seed`` for all labels at once."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(labels), *data_shape, generator=g)
     was_training = denoiser.training
     denoiser.eval()
     out = []
-    for start in range(0, count, batch):
+    for start in range(0, len(labels), batch):
         x = heun_sample(denoiser, noise[start:start + batch].to(device), labels[start:start + batch].to(device),
                         sampler, null_label=num_classes, progress=progress)
         out.append(x.float().clamp(-1, 1).cpu())
@@ -75,6 +92,17 @@ class FIDEvaluator:
         self.reference = reference if isinstance(reference, str) else ImageReference(reference_name, to_uint8(reference))
         self.sampler = SamplerConfig(steps=cfg.sampler_steps, cfg_scale=cfg.cfg_scale,
                                      rate_guidance=tuple(cfg.rate_guidance) if cfg.rate_guidance else None)
+
+    def prepare_reference(self) -> None:
+        """Compute (or load) the cached reference statistics now, e.g. once before parallel runs start."""
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        from measure.fid import DEFAULT_CACHE_DIR, _reference, feature_extractor, resolve_extractor
+
+        name, weights, _ = resolve_extractor(self.cfg.extractor)
+        layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
+        _reference(self.reference, feature_extractor(name, (layer,), weights, False), self.cfg.kid or self.cfg.prc,
+                   DEFAULT_CACHE_DIR, 64, False, False)
 
     def __call__(self, denoiser, data_shape, device) -> dict:
         from measure.fid import compute_metrics, to_uint8

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import os
 import sys
 import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -27,9 +30,6 @@ def train_macs_per_image(run: RunSpec, data_shape, num_classes: int) -> float:
                           in_channels=data_shape[0], num_classes=num_classes)
     return row["gflops_train"] * 1e9
 
-
-
-
 def fid_reference(suite: DictConfig, eval_cfg):
     """(reference, name): an npz of statistics, or the images of the suite's reference split."""
     from data import load_dataset
@@ -46,12 +46,42 @@ def fid_reference(suite: DictConfig, eval_cfg):
     return ref.images, f"{ref.name}-{len(ref)}"
 
 
-def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict):
-    """Train (or resume) one run; returns (summary, trainer); trainer.evals holds the evaluation rows."""
-    from diffusion.train import Trainer, TrainConfig, build_denoiser
-    from measure.evaluate import EvalConfig, FIDEvaluator
+def held_out_loss(suite: DictConfig, eval_cfg, data):
+    """The fixed held-out evaluation loss of measure/eval_loss.py, or None when turned off."""
+    from data import load_dataset
+    from measure.eval_loss import EvalLossConfig, HeldOutLoss
 
-    train_cfg = TrainConfig(**OmegaConf.to_container(suite.train), seed=int(suite.get("seed", 0)))
+    if eval_cfg.loss_images <= 0:
+        return None
+    if suite.data.name == "latents":
+        path = (suite.eval.get("loss_path") if suite.get("eval") else None)
+        if not path:
+            print("eval loss: off (latent suites need suite.eval.loss_path, a latent folder of held-out images)")
+            return None
+        held = load_dataset("latents", suite.data.resolution, path=path, limit=eval_cfg.loss_images)
+    else:
+        held = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.loss_split,
+                            limit=eval_cfg.loss_images)
+    if held.shape != data.shape:
+        raise ConfigError(f"held-out images have shape {held.shape}, training data {data.shape}; fix suite.eval.loss_*")
+    cfg = EvalLossConfig(images=eval_cfg.loss_images, levels=eval_cfg.loss_levels, seed=eval_cfg.loss_seed,
+                         batch=eval_cfg.loss_batch, split=eval_cfg.loss_split)
+    return HeldOutLoss(held.images, held.labels, cfg)
+
+
+def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict):
+    """Train (or resume) one run; returns (summary, trainer); trainer.evals holds the evaluation rows.
+
+    At every evaluation point (suite.eval.every, and the final step), off the training clock: the held-out
+    evaluation loss of the EMA model, a sample grid (same noise and labels for every run and point), and
+    FID (at every point, or only the final one with eval.fid_at=final).
+    """
+    from diffusion.sampler import SamplerConfig
+    from diffusion.train import Trainer, TrainConfig, build_denoiser
+    from measure.evaluate import EvalConfig, FIDEvaluator, decode_latents
+    from measure.samples import sample_grid, save_grid
+
+    train_cfg = TrainConfig(**OmegaConf.to_container(suite.train), seed=run.seed)
     eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
     torch.manual_seed(train_cfg.seed)
     den = build_denoiser(run.backbone, run.size, data.shape, data.num_classes, run.routes, run.selection,
@@ -59,15 +89,25 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot)
     resumed = trainer.try_resume()
     macs_per_image = train_macs_per_image(run, data.shape, data.num_classes)
-    fid = None
-    if eval_cfg.samples > 0:
-        fid = FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes)
+    fid = FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes) if eval_cfg.samples > 0 else None
+    loss = held_out_loss(suite, eval_cfg, data)
+    grid_sampler = SamplerConfig(steps=eval_cfg.sampler_steps)
+    decode = (lambda z: decode_latents(z, eval_cfg.vae, eval_cfg.latent_scaling, eval_cfg.vae_batch, device)
+              ) if eval_cfg.vae else None
 
     def on_eval(tr):
         recent = [s["loss"] for s in tr.stats[-3:]] or [float("nan")]
         row = {"step": tr.step, "images_seen": tr.images_seen, "wall_time_s": tr.elapsed,
                "train_flops": macs_per_image * tr.images_seen, "loss": sum(recent) / len(recent)}
-        if fid is not None:
+        final = tr.step >= tr.cfg.steps
+        if loss is not None:
+            row.update(loss(tr.ema_denoiser, tr.acc.device))
+        if eval_cfg.grid_per_class > 0 and tr.acc.is_main_process:
+            images, cols = sample_grid(tr.ema_denoiser, data.shape, data.num_classes, grid_sampler,
+                                       eval_cfg.grid_per_class, eval_cfg.grid_seed, tr.acc.device, decode)
+            path = save_grid(images, cols, run_dir / "samples" / f"step{tr.step:07d}.png")
+            row["grid"] = str(path)
+        if fid is not None and (final or eval_cfg.fid_at == "every"):
             row.update(fid(tr.ema_denoiser, data.shape, tr.acc.device))
         tr.evals.append(row)
 
@@ -76,38 +116,73 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     return summary, trainer
 
 
+def _train_and_record(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
+                      base: dict) -> tuple[list[dict], bool]:
+    """Train one run and turn it into table rows; a failure becomes one 'failed' row (never an exception)."""
+    try:
+        summary, trainer = train_one(run, suite, data, run_dir, device, snapshot)
+        base = {**base, "params": summary["params"], "steps": summary["steps"], "final_loss": summary["final_loss"],
+                "samples_per_s": summary["samples_per_s"], "status": "ok", "error": ""}
+        return [{**base, **e} for e in trainer.evals], True
+    except ConfigError:
+        raise
+    except Exception as err:  # one failed run must not stop the suite or touch other runs' files
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        print(f"[{run.dir_name}] FAILED: {reason}", file=sys.stderr)
+        if type(err).__name__ != "TrainingDiverged":
+            traceback.print_exc(file=sys.stderr)
+        return [{**base, "status": "failed", "error": reason}], False
+
+
+def _worker(job: dict) -> tuple[list[dict], bool]:
+    """One run in a worker process (suite.jobs > 1): its own threads, modules, data and files."""
+    from data import load_dataset
+    from runner.imports import import_user_modules
+
+    torch.set_num_threads(job["threads"])
+    import_user_modules(job["imports"])
+    suite = OmegaConf.create(job["suite"])
+    data = load_dataset(suite.data.name, suite.data.resolution, limit=suite.data.get("limit"),
+                        **(suite.data.get("kwargs") or {}))
+    rows, ok = _train_and_record(job["run"], suite, data, Path(job["run_dir"]), job["device"], job["snapshot"],
+                                 job["base"])
+    atomic_write_text(Path(job["run_dir"]) / "result.json", json.dumps(rows, indent=1, default=str))
+    return rows, ok
+
+
 def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     from data import load_dataset
-    from measure.results import write_markdown
-    from measure.speedup import plot_curves, speedup_table
+    from measure.evaluate import EvalConfig, FIDEvaluator
 
     from accelerate import PartialState
 
-    main_process = PartialState().is_main_process  # under `accelerate launch`, only rank 0 writes files
+    state = PartialState()
+    main_process = state.is_main_process  # under `accelerate launch`, only rank 0 writes files
     runs = expand_runs(suite, cfg.scale)
     if cfg.only:
-        runs = [r for r in runs if cfg.only in r.run_id]
+        runs = [r for r in runs if cfg.only in r.dir_name]
     data = load_dataset(suite.data.name, suite.data.resolution, limit=suite.data.get("limit"),
                         **(suite.data.get("kwargs") or {}))
     for run in runs:  # every run is checked before the first one trains; "auto" selection is resolved
         run.selection = validate_run(run, data.shape, data.num_classes).net.selection
     device = pick_device(cfg.device)
+    eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
+    fid_ref = fid_reference(suite, eval_cfg) if eval_cfg.samples > 0 else None  # checked before training
     results_dir, runs_root = Path(cfg.results_dir), Path(cfg.runs_dir) / suite.name / cfg.scale.name
     resolved = OmegaConf.to_container(suite, resolve=True)
     if main_process:
         results_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_dir / f"{suite.name}_{cfg.scale.name}_config.yaml", OmegaConf.to_yaml(suite))
-    rows, failures = [], []
-    seed = int(suite.get("seed", 0))
+    rows, failures, pending = [], [], []
     for run in runs:
-        run_dir = runs_root / (run.run_id if seed == 0 else f"{run.run_id}-seed{seed}")
+        run_dir = runs_root / run.dir_name
         snapshot = {"suite": resolved, "run": asdict(run)}
         digest = config_hash(snapshot)
         done_file = run_dir / "result.json"
         if not cfg.force and done_file.exists():
             done = json.loads(done_file.read_text())
             if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
-                print(f"[{run.run_id}] finished earlier, skipped (force=true reruns it)")
+                print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
                 rows.extend({**row, "routes": run.routes_str()} for row in done)  # resolved route notation
                 continue
         hash_file = run_dir / "config_hash"
@@ -118,30 +193,58 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 (run_dir / stale).unlink(missing_ok=True)
         if main_process:
             atomic_write_text(hash_file, digest)
-        print(f"[{run.run_id}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
         base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
                 "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
-                "seed": int(suite.get("seed", 0)), **environment(device), "config_hash": digest}
-        try:
-            summary, trainer = train_one(run, suite, data, run_dir, device, snapshot)
-            evals = trainer.evals
-            base.update(params=summary["params"], steps=summary["steps"], final_loss=summary["final_loss"],
-                        samples_per_s=summary["samples_per_s"], status="ok", error="")
-            run_rows = [{**base, **e} for e in evals]
-        except ConfigError:
-            raise
-        except Exception as err:  # one failed run must not stop the suite or touch other runs' files
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            print(f"[{run.run_id}] FAILED: {reason}", file=sys.stderr)
-            if type(err).__name__ != "TrainingDiverged":
-                traceback.print_exc(file=sys.stderr)
-            run_rows = [{**base, "status": "failed", "error": reason}]
-            failures.append(run.run_id)
-        if main_process:
-            atomic_write_text(done_file, json.dumps(run_rows, indent=1, default=str))
-        rows.extend(run_rows)
+                "seed": run.seed, **environment(device), "config_hash": digest}
+        pending.append((run, run_dir, snapshot, base))
+
+    jobs = max(1, int(suite.get("jobs", 1)))
+    if state.num_processes > 1 or device == "cuda":
+        jobs = 1  # parallel runs are for CPU machines; GPUs and data-parallel runs take one run at a time
+    jobs = min(jobs, max(len(pending), 1))
+    if fid_ref is not None and pending and main_process:
+        FIDEvaluator(eval_cfg, *fid_ref, data.num_classes).prepare_reference()  # once, not once per worker
+    if jobs == 1:
+        for run, run_dir, snapshot, base in pending:
+            print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
+            run_rows, ok = _train_and_record(run, suite, data, run_dir, device, snapshot, base)
+            if main_process:
+                atomic_write_text(run_dir / "result.json", json.dumps(run_rows, indent=1, default=str))
+            rows.extend(run_rows)
+            failures += [] if ok else [run.dir_name]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        print(f"training {len(pending)} runs in {jobs} worker processes, {threads} thread(s) each")
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = [(run, base, pool.submit(_worker, {
+                "run": run, "suite": resolved, "run_dir": str(run_dir), "device": device, "snapshot": snapshot,
+                "base": base, "threads": threads, "imports": list(cfg.get("imports") or [])}))
+                for run, run_dir, snapshot, base in pending]
+            for run, base, future in futures:
+                try:
+                    run_rows, ok = future.result()
+                except ConfigError:
+                    raise
+                except Exception as err:  # a worker that died (killed, out of memory) fails its run only
+                    reason = f"worker died: {type(err).__name__}: {err}".splitlines()[0]
+                    run_rows, ok = [{**base, "status": "failed", "error": reason}], False
+                print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}")
+                rows.extend(run_rows)
+                failures += [] if ok else [run.dir_name]
     if not main_process:
         return 1 if failures else 0
+    write_train_tables(cfg, suite, rows, results_dir)
+    if failures:
+        print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], results_dir: Path) -> None:
+    """The runs table (one row per run and evaluation), the seeded speedup table, curves and sample figures."""
+    from measure.results import write_markdown
+    from measure.speedup import plot_curves, sample_figures, speedup_markdown, speedup_table
+
     results_file = suite.get("results_file") or f"{suite.name}_runs.csv"
     table = upsert_csv(results_dir / results_file, rows, RUN_KEY)
     print(f"wrote {results_dir / results_file} ({len(rows)} rows of {len(table)})")
@@ -151,15 +254,15 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         speed = speedup_table(ok)
         speed.insert(0, "scale", cfg.scale.name)
         upsert_csv(f"{stem}.csv", speed.to_dict("records"), ["scale", "backbone", "size", "method"])
-        write_markdown(f"{stem}.md", speed, f"{suite.name} speedup ({cfg.scale.name})",
-                       [f"Device: {ok.device.iloc[0]}; torch {ok.torch.iloc[0]}.",
-                        "flop_ratio: baseline / method training MACs per step; iteration_speedup: baseline / method "
-                        "seconds per step; convergence_speedup: baseline time to its best FID / method time to "
-                        "that FID (linear interpolation between evaluations)."])
+        write_markdown(f"{stem}.md", speedup_markdown(speed), f"{suite.name} speedup ({cfg.scale.name})",
+                       [f"Device: {ok.device.iloc[0]}; torch {ok.torch.iloc[0]}; seeds "
+                        f"{', '.join(map(str, sorted(ok.seed.unique())))}.",
+                        "Every figure is the mean over seed pairs (baseline seed s, method seed s) with the "
+                        "half-width of a two-sided 95% Student-t interval (n-1 degrees of freedom).",
+                        "flop_ratio: baseline / method training MACs per step; iteration_speedup: baseline / "
+                        "method training seconds per step; eval loss and FID at the last step both have; "
+                        "convergence speedups: baseline's steps, training FLOPs or training seconds to its final "
+                        "eval loss (FID) / the method's to reach that value (linear interpolation between "
+                        "evaluations; seeds that never reach it are counted in 'reached')."])
         plot_curves(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))
-    if failures:
-        print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
-        return 1
-    return 0
-
-
+    sample_figures(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))

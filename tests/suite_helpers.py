@@ -10,8 +10,10 @@ SUITES = str(Path(run_suite.__file__).resolve().parent / "suites")
 
 
 def compose_suite(overrides):
+    """The composed config, with scale=auto resolved as run_suite.py resolves it."""
     with initialize_config_dir(config_dir=SUITES, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name="config", overrides=list(overrides))
+        return runner.apply_auto_scale(cfg, list(overrides), compose)
 
 
 def run(overrides):

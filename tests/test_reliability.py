@@ -35,7 +35,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     subprocess.run(suite_cmd(clean), cwd=ROOT, env=ENV, check=True, capture_output=True)
     proc = subprocess.Popen(suite_cmd(killed), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    stats = killed / "runs" / "smoke" / "tiny" / "dit-tiny-tread" / "stats.jsonl"
+    stats = killed / "runs" / "smoke" / "tiny" / "dit-tiny-tread-seed0" / "stats.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline:  # kill mid-way through the SECOND run, after a checkpoint or two
         if stats.exists() and len(stats.read_text().splitlines()) >= 3:
@@ -45,8 +45,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     proc.wait()
     assert not (killed / "results" / "smoke.csv").exists()
     out = subprocess.run(suite_cmd(killed), cwd=ROOT, env=ENV, check=True, capture_output=True, text=True).stdout
-    assert "dit-tiny-baseline] finished earlier, skipped" in out
-    for run_id in ("dit-tiny-baseline", "dit-tiny-tread"):
+    assert "dit-tiny-baseline-seed0] finished earlier, skipped" in out
+    for run_id in ("dit-tiny-baseline-seed0", "dit-tiny-tread-seed0"):
         assert losses(killed, run_id) == losses(clean, run_id)  # exact: same draws, same state
     a = pd.read_csv(clean / "results" / "smoke.csv")
     b = pd.read_csv(killed / "results" / "smoke.csv")
@@ -150,8 +150,8 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path):
               "--mixed_precision", "no", "--dynamo_backend", "no", "run_suite.py"]
     subprocess.run([*launch, *base, f"results_dir={two}/r", f"runs_dir={two}/runs"], cwd=ROOT, env=ENV, check=True,
                    capture_output=True)
-    a = [json.loads(x)["loss"] for x in (one / "runs/smoke/tiny/dit-tiny-tread/stats.jsonl").read_text().splitlines()]
-    b = [json.loads(x)["loss"] for x in (two / "runs/smoke/tiny/dit-tiny-tread/stats.jsonl").read_text().splitlines()]
+    a = [json.loads(x)["loss"] for x in (one / "runs/smoke/tiny/dit-tiny-tread-seed0/stats.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (two / "runs/smoke/tiny/dit-tiny-tread-seed0/stats.jsonl").read_text().splitlines()]
     # Same global batch and draws; only the gradient all-reduce order differs. Tolerance: 1e-5 relative.
     assert len(a) == len(b) == 2
     assert np.allclose(a, b, rtol=1e-5, atol=0)

@@ -1,42 +1,65 @@
-"""Speedup computation on synthetic curves with answers worked by hand."""
+"""Seeded speedup tables on synthetic curves with answers worked by hand."""
+import math
+
 import pandas as pd
 import pytest
 
-from measure.speedup import NOT_REACHED, convergence_speedup, speedup_table, time_to_reach
+from measure.speedup import speedup_markdown, speedup_table, time_to_reach
 
 
 def test_time_to_reach_interpolates_linearly():
-    # FID 50 at t=10, 30 at t=20: FID 40 is reached halfway, at t=15
+    # value 50 at t=10, 30 at t=20: 40 is reached halfway, at t=15
     assert time_to_reach([10, 20, 30], [50, 30, 20], 40) == pytest.approx(15.0)
     assert time_to_reach([10, 20], [50, 30], 30) == pytest.approx(20.0)
     assert time_to_reach([10, 20], [50, 30], 10) is None
 
 
-def test_convergence_speedup_known_answer():
-    # baseline reaches its best FID 20 at t=100; TREAD: 40 at t=10, 10 at t=30 -> FID 20 at t=10+20*(20/30)
-    speed, best, t_base, t_tread = convergence_speedup([25, 50, 100], [60, 35, 20], [10, 30], [40, 10])
-    assert best == 20 and t_base == 100
-    assert t_tread == pytest.approx(10 + 20 * (20 / 30))
-    assert speed == pytest.approx(100 / (10 + 20 * 2 / 3))
+def curve(method, seed, steps, walls, flops_per_step, losses, fids=None):
+    fids = fids or [None] * len(steps)
+    return [dict(backbone="dit", size="S/2", method=method, seed=seed, step=s, wall_time_s=w,
+                 train_flops=flops_per_step * s, eval_loss=l, fid=f)
+            for s, w, l, f in zip(steps, walls, losses, fids)]
 
 
-def test_not_reached():
-    speed, *_ = convergence_speedup([1, 2], [30, 20], [1, 2], [40, 25])
-    assert speed == NOT_REACHED
-
-
-def test_speedup_table_rows():
-    runs = pd.DataFrame([
-        # baseline: 2 s/step, 10 FLOPs/step; tread: 1.6 s/step, 7 FLOPs/step
-        dict(backbone="dit", size="S/2", method="baseline", step=100, wall_time_s=200, train_flops=1000, fid=50.0),
-        dict(backbone="dit", size="S/2", method="baseline", step=200, wall_time_s=400, train_flops=2000, fid=40.0),
-        dict(backbone="dit", size="S/2", method="tread", step=100, wall_time_s=160, train_flops=700, fid=42.0),
-        dict(backbone="dit", size="S/2", method="tread", step=200, wall_time_s=320, train_flops=1400, fid=30.0),
-    ])
-    row = speedup_table(runs).iloc[0]
+def test_one_seed_pair_by_hand():
+    # baseline: 2 s/step, 10 FLOPs/step, final eval loss 0.40 at step 200;
+    # tread: 1.6 s/step, 7 FLOPs/step; loss 0.42 at step 100, 0.30 at 200 -> 0.40 at step 100 + 100 * 2/12
+    rows = (curve("baseline", 0, [100, 200], [200, 400], 10, [0.50, 0.40], [50.0, 40.0])
+            + curve("tread", 0, [100, 200], [160, 320], 7, [0.42, 0.30], [42.0, 30.0]))
+    row = speedup_table(pd.DataFrame(rows)).iloc[0]
+    assert row.seeds == 1 and row.equal_step == 200
     assert row.flop_ratio == pytest.approx(10 / 7)
     assert row.iteration_speedup == pytest.approx(2 / 1.6)
-    assert (row.equal_step, row.fid_baseline, row.fid_method) == (200, 40.0, 30.0)
-    # baseline best 40 at t=400; tread reaches 40 between (160, 42) and (320, 30): t = 160 + 160 * 2/12
-    assert row.convergence_speedup_time == pytest.approx(400 / (160 + 160 * 2 / 12))
-    assert row.convergence_speedup_flops == pytest.approx(2000 / (700 + 700 * 2 / 12))
+    assert (row.eval_loss_baseline, row.eval_loss_method) == (0.40, 0.30)
+    assert row.eval_loss_diff == pytest.approx(-0.10)
+    step_at = 100 + 100 * 2 / 12
+    assert row.loss_speedup_steps == pytest.approx(200 / step_at)
+    assert row.loss_speedup_flops == pytest.approx(2000 / (7 * step_at))
+    assert row.loss_speedup_time == pytest.approx(400 / (1.6 * step_at))
+    assert row.loss_reached == "1/1"
+    assert row.fid_speedup_steps == pytest.approx(200 / step_at)  # FID 40 -> same crossing (42 -> 30)
+
+
+def test_three_seed_pairs_summarised_with_t_interval():
+    # step speedups per pair 1.0, 1.25, 1.5 (baseline 2 s/step; tread 2, 1.6, 1.333.. s/step):
+    # mean 1.25, sd 0.25, half-width 4.302653 * 0.25 / sqrt(3)
+    rows = []
+    for seed, tread_wall in enumerate([200.0, 160.0, 400 / 3]):
+        rows += curve("baseline", seed, [50, 100], [100, 200], 10, [0.5, 0.4])
+        rows += curve("tread", seed, [50, 100], [tread_wall / 2, tread_wall], 7, [0.6, 0.5])
+    row = speedup_table(pd.DataFrame(rows)).iloc[0]
+    assert row.seeds == 3
+    assert row.iteration_speedup == pytest.approx(1.25)
+    assert row.iteration_speedup_ci95 == pytest.approx(4.302653 * 0.25 / math.sqrt(3), rel=1e-5)
+    assert row.loss_reached == "0/3" and math.isnan(row.loss_speedup_steps)  # tread never gets to 0.4
+    assert row.eval_loss_diff == pytest.approx(0.1)
+    md = speedup_markdown(pd.DataFrame([row]))
+    assert md["step speedup"].iloc[0] == "1.25 ± 0.62"
+
+
+def test_one_fid_point_gives_no_fid_speedup():
+    rows = (curve("baseline", 0, [100, 200], [200, 400], 10, [0.5, 0.4], [None, 40.0])
+            + curve("tread", 0, [100, 200], [160, 320], 7, [0.45, 0.35], [None, 35.0]))
+    row = speedup_table(pd.DataFrame(rows)).iloc[0]
+    assert row.fid_diff == pytest.approx(-5.0)
+    assert "fid_speedup_steps" not in row or math.isnan(row.fid_speedup_steps)

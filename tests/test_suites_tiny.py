@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_SUITES = {"smoke": "smoke.csv", "dit_scaling": "dit_scaling_runs.csv",
                 "selection_rate": "selection_rate_runs.csv", "route_ablation": "route_ablation_runs.csv",
-                "arch_agnostic": "arch_agnostic_runs.csv", "mini_repro": "mini_repro_runs.csv"}
+                "arch_agnostic": "arch_agnostic_runs.csv"}
 
 
 @pytest.mark.parametrize("suite", sorted(TRAIN_SUITES))
@@ -30,12 +30,37 @@ def test_tiny_train_suite_runs_to_csv(tmp_path, suite):
     assert (speed.flop_ratio > 1).all()
 
 
-def test_arch_agnostic_tiny_has_all_three_backbones_with_rows_for_scans(tmp_path):
+def test_arch_agnostic_tiny_has_every_backbone_with_rows_for_scans(tmp_path):
     assert run(["suite=arch_agnostic", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
-                "suite.train.steps=4", "suite.data.limit=64", "suite.eval.samples=0"]) == 0
+                "suite.train.steps=4", "suite.data.limit=64", "suite.eval.samples=0", "suite.eval.grid_per_class=0",
+                "suite.seeds=[0]", "suite.jobs=1"]) == 0
     table = pd.read_csv(tmp_path / "r" / "arch_agnostic_runs.csv")
     selection = dict(zip(table[table.method == "tread"].backbone, table[table.method == "tread"].selection))
-    assert selection == {"dit": "random", "rwkv": "rows", "mamba": "rows"}
+    assert selection == {"dit": "random", "rwkv": "rows", "mamba": "rows", "lightningdit": "random"}
+
+
+def test_tiny_study_produces_every_file_kind(tmp_path):
+    """The CI-sized study: 2 seeds in 2 worker processes, held-out loss at every evaluation, grids, FID at
+    the final step, interval columns, curves with bands, side-by-side sample figures."""
+    r = tmp_path / "r"
+    assert run(["suite=arch_agnostic", "scale=tiny", f"results_dir={r}", f"runs_dir={tmp_path}/runs",
+                "suite.train.steps=8", "suite.eval.every=4", "suite.data.limit=64",
+                "suite.backbones=[{name:dit,size:tiny}]"]) == 0
+    table = pd.read_csv(r / "arch_agnostic_runs.csv")
+    assert sorted(set(zip(table.method, table.seed))) == [("baseline", 0), ("baseline", 1), ("tread", 0), ("tread", 1)]
+    assert (table.scale == "tiny").all() and table.eval_loss.notna().all()
+    assert sorted(table.step.unique()) == [4, 8]
+    assert table[table.step == 8].fid.notna().all() and table[table.step == 4].fid.isna().all()  # FID at the end
+    assert all(Path(p).exists() for p in table.grid)
+    level_columns = [c for c in table.columns if c.startswith("eval_loss_sigma")]
+    assert len(level_columns) == 4
+    speed = pd.read_csv(r / "arch_agnostic_speedup.csv")
+    for col in ("eval_loss_diff", "eval_loss_diff_ci95", "iteration_speedup_ci95", "fid_diff_ci95", "loss_reached"):
+        assert col in speed.columns
+    assert speed.seeds.iloc[0] == 2
+    for name in ("arch_agnostic_tiny_dit-tiny.png", "arch_agnostic_tiny_samples_dit-tiny.png",
+                 "arch_agnostic_speedup.md", "arch_agnostic_tiny_config.yaml"):
+        assert (r / name).exists(), name
 
 
 def test_throughput_protocol_tiny_produces_every_column(tmp_path):

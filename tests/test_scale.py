@@ -1,0 +1,64 @@
+"""scale=auto: the ImageNet suites run at full scale when latents are configured, otherwise at the CPU
+scale on Fashion-MNIST (config composition only, no training)."""
+import pytest
+import torch
+
+import runner
+from suite_helpers import compose_suite
+
+IMAGENET_SUITES = ["arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance"]
+
+
+@pytest.fixture(autouse=True)
+def no_latents(monkeypatch):
+    monkeypatch.delenv("IMAGENET_LATENTS", raising=False)
+
+
+@pytest.mark.parametrize("suite", IMAGENET_SUITES)
+def test_without_latents_resolves_to_cpu_scale(suite, capsys):
+    cfg = compose_suite([f"suite={suite}"])
+    assert cfg.scale.name == "cpu" and cfg.suite.data.name == "fashion_mnist"
+    assert "IMAGENET_LATENTS" in capsys.readouterr().out  # the one line that says how to get the full scale
+    s = runner.resolve_suite(cfg)
+    runs = runner.expand_runs(s, cfg.scale)
+    assert runs and {r.size for r in runs} == {"XS/4"}
+    for r in runs:  # the paper's 12-block routes apply unchanged at the CPU scale
+        den = runner.validate_run(r, (1, 32, 32), 10)
+        assert den.net.backbone.depth == 12
+
+
+def test_cpu_study_protocol():
+    cfg = compose_suite(["suite=arch_agnostic"])
+    s = runner.resolve_suite(cfg)
+    assert list(s.seeds) == [0, 1, 2] and s.eval.loss_images > 0 and s.eval.samples > 0
+    runs = runner.expand_runs(s, cfg.scale)
+    by_backbone = {}
+    for r in runs:
+        by_backbone.setdefault(r.backbone, set()).add((r.method, r.seed))
+    assert {m for m, _ in by_backbone["dit"]} == {"baseline", "tread", "tread25", "tread75"}
+    assert {m for m, _ in by_backbone["rwkv"]} == {"baseline", "tread"}  # the rate sweep is DiT-only
+    assert all({s for _, s in v} == {0, 1, 2} for v in by_backbone.values())
+    rates = {r.method: r.routes[0]["rate"] for r in runs if r.routes}
+    assert rates == {"tread": 0.5, "tread25": 0.25, "tread75": 0.75}
+
+
+@pytest.mark.parametrize("how", ["env", "override"])
+def test_with_latents_resolves_to_full_scale(how, monkeypatch, tmp_path, capsys):
+    if how == "env":
+        monkeypatch.setenv("IMAGENET_LATENTS", str(tmp_path))
+        cfg = compose_suite(["suite=arch_agnostic"])
+    else:
+        cfg = compose_suite(["suite=arch_agnostic", f"suite.data.kwargs.path={tmp_path}"])
+    assert cfg.scale.name == "full" and cfg.suite.data.name == "latents"
+    assert cfg.suite.data.kwargs.path == str(tmp_path)
+    assert "scale: full" in capsys.readouterr().out
+    with torch.device("meta"):
+        runs = runner.expand_runs(runner.resolve_suite(cfg), cfg.scale)
+    assert {r.size for r in runs} == {"B/2"}
+
+
+def test_explicit_scales_and_other_suites_are_untouched():
+    assert compose_suite(["suite=arch_agnostic", "scale=tiny"]).scale.name == "tiny"
+    assert compose_suite(["suite=arch_agnostic", "scale=cpu"]).scale.name == "cpu"
+    smoke = compose_suite(["suite=smoke"])
+    assert smoke.scale.name == "full" and smoke.suite.data.name == "fashion_mnist"
