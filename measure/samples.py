@@ -30,7 +30,7 @@ def save_grid(images: torch.Tensor, columns: int, path: str | Path) -> Path:
     """Write the grid atomically (a kill never leaves half a PNG)."""
     from torchvision.utils import save_image
 
-    from diffusion.checkpoint import atomic_write
+    from core.io import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: save_image((images + 1) / 2, tmp, nrow=columns, padding=1, pad_value=1.0,
@@ -39,16 +39,21 @@ def save_grid(images: torch.Tensor, columns: int, path: str | Path) -> Path:
 
 
 def side_by_side(paths: Sequence[str | Path], titles: Sequence[str], out: str | Path, suptitle: str = "") -> Path:
-    """One figure with the given grid PNGs next to each other, each under its title."""
+    """One figure with the given grid PNGs one above the other (grids are wide: a column per class),
+    each under its title, so the same noise and label can be compared down a column."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 4.4), squeeze=False)
-    for ax, path, title in zip(axes[0], paths, titles):
-        ax.imshow(Image.open(path), cmap="gray", interpolation="nearest")
+    images = [Image.open(p) for p in paths]
+    width = 10.0
+    heights = [width * im.height / im.width + 0.4 for im in images]
+    fig, axes = plt.subplots(len(paths), 1, figsize=(width, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, im, title in zip(axes[:, 0], images, titles):
+        ax.imshow(im, cmap="gray", interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     if suptitle:
