@@ -1,9 +1,10 @@
 """Run a benchmark suite: ``python run_suite.py suite=<name> [scale=tiny] [force=true] [imports=[my_pkg.mod]]``.
 
 A suite (suites/suite/*.yaml) is configuration only: data, schedule, the backbones and the methods
-(route sets) to cross. runner/ expands it into runs, validates every run before any training
-(bad input gets one line naming the fix), then trains each run, skipping runs that already finished
-and resuming interrupted ones from their checkpoint, and writes the suite's result tables.
+(route sets) to cross. runner/ checks it against its schema (runner/schema.py), expands it into runs,
+validates every run before any training (bad input gets one line naming the fix), then trains each
+run, skipping runs that already finished and resuming interrupted ones from their checkpoint, and
+writes the suite's result tables.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig
 
-from backbones.registry import ConfigError
-from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite
+from core.errors import ConfigError
+from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite, validate_suite
 
 
 @hydra.main(config_path="suites", config_name="config", version_base="1.3")
@@ -26,11 +27,9 @@ def main(cfg: DictConfig) -> None:
         import_user_modules(cfg.get("imports"), cwd=get_original_cwd())
         # scale=auto (the default): full scale when the suite's data is configured, else the CPU scale
         cfg = apply_auto_scale(cfg, HydraConfig.get().overrides.task, hydra.compose)
+        validate_suite(cfg, SUITE_KINDS)  # unknown keys, wrong types, impossible values: before anything is written
         suite = resolve_suite(cfg)
-        kind = suite.get("kind", "train")
-        if kind not in SUITE_KINDS:
-            raise ConfigError(f"suite {suite.name}: unknown kind '{kind}'; one of {', '.join(SUITE_KINDS)}")
-        code = SUITE_KINDS[kind](cfg, suite)
+        code = SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,8 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
+from core.errors import ConfigError
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -99,7 +101,9 @@ class ConditionedPatchStack(nn.Module):
 
     def _init_io(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, num_classes: int):
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise ConfigError(f"input size {input_size} is not divisible by the patch size {patch_size}: set the data "
+                              f"resolution (suite.data.resolution) to a multiple of {patch_size}, or pick a backbone "
+                              f"size whose patch size divides {input_size}")
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.patch_size, self.hidden_size = patch_size, hidden_size
         self.grid_size = (input_size // patch_size, input_size // patch_size)

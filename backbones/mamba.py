@@ -21,9 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.errors import ConfigError
+
 from .layers import ConditionedPatchStack, modulate
 from .protocol import BlockStack
-from .registry import ConfigError, register_backbone
+from .registry import register_backbone
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,8 +299,8 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        self.A_log.no_weight_decay = True  # AdamW leaves them undecayed (backbones.protocol.weight_decay_groups)
+        self.D.no_weight_decay = True
         # mamba_ssm's dt init: weight ~ U(+-rank^-0.5); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max].
         std = self.dt_rank ** -0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
@@ -306,7 +308,6 @@ class MambaMixer(nn.Module):
         dt = dt.clamp(min=dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True
 
     def scan_macs(self, x: torch.Tensor) -> int:
         """Multiply-adds of the selective scan for input x (B, L, d_model): the common estimate
@@ -358,8 +359,9 @@ def _mamba_sizes():
     widths = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
     sizes = {f"{name}/{p}": dict(depth=d, hidden_size=w, patch_size=p)
              for name, (d, w) in widths.items() for p in (2, 4, 8)}
-    # CPU-test size: 6 blocks of width 64 over an 8x8 token grid (32x32 input, patch 4).
-    sizes["XS/4"] = dict(depth=12, hidden_size=64, patch_size=4)  # CPU-study size (scale=cpu)
+    # Width 64 over an 8x8 token grid (32x32 input, patch 4): 12 blocks for the CPU study (scale=cpu),
+    # 6 for the tests (scale=tiny).
+    sizes["XS/4"] = dict(depth=12, hidden_size=64, patch_size=4)
     sizes["tiny"] = dict(depth=6, hidden_size=64, patch_size=4)
     return sizes
 

@@ -17,6 +17,9 @@ index in the full raster-order grid ``backbone.grid_size`` (row = index // cols,
 cols). On the full sequence it is ``arange(N)`` for every sample; inside a route it is the kept
 ids (per sample, ascending). Blocks that encode position themselves (RoPE) use it to place each
 token at its true position; blocks that do not need it ignore it.
+
+A parameter may carry ``no_weight_decay = True`` (Mamba's ``A_log`` and ``D``, as in ``mamba_ssm``):
+the trainer's AdamW then puts it in a group without weight decay (:func:`weight_decay_groups`).
 """
 from __future__ import annotations
 
@@ -31,6 +34,19 @@ Grid = Optional[Tuple[int, int]]
 def full_positions(batch: int, num_tokens: int, device) -> torch.Tensor:
     """Positions of the full sequence: ``arange(num_tokens)`` for every sample, shape (B, N)."""
     return torch.arange(num_tokens, device=device).expand(batch, num_tokens)
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float):
+    """AdamW parameter groups of ``module``: parameters flagged ``no_weight_decay`` get weight decay 0, the
+    others ``weight_decay``. Without decay or flagged parameters: the plain parameter list (one group, so
+    checkpoints of either kind load)."""
+    params = [p for p in module.parameters()]
+    no_decay = [p for p in params if getattr(p, "no_weight_decay", False)]
+    if not weight_decay or not no_decay:
+        return params
+    flagged = {id(p) for p in no_decay}
+    return [{"params": [p for p in params if id(p) not in flagged]},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 class BlockStack(nn.Module):

@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping
 
+from core.errors import ConfigError  # re-exported: `from backbones.registry import ConfigError` still works
+from core.registry import Registry
+
 from .protocol import BlockStack
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: its message says what to change."""
 
 
 @dataclass
@@ -23,7 +22,7 @@ class BackboneEntry:
     sizes: Mapping[str, dict] = field(default_factory=dict)
 
 
-_REGISTRY: Dict[str, BackboneEntry] = {}
+_REGISTRY: Registry[BackboneEntry] = Registry("backbone", "backbones")
 
 
 def register_backbone(name: str, sizes: Mapping[str, dict] | None = None):
@@ -35,9 +34,7 @@ def register_backbone(name: str, sizes: Mapping[str, dict] | None = None):
     """
 
     def decorator(factory):
-        if name in _REGISTRY and _REGISTRY[name].factory is not factory:
-            raise ConfigError(f"backbone '{name}' is already registered; pick another name")
-        _REGISTRY[name] = BackboneEntry(name, factory, dict(sizes or {}))
+        _REGISTRY.add(name, BackboneEntry(name, factory, dict(sizes or {})), same=lambda a, b: a.factory is b.factory)
         return factory
 
     return decorator
@@ -45,7 +42,7 @@ def register_backbone(name: str, sizes: Mapping[str, dict] | None = None):
 
 def list_backbones() -> Dict[str, list]:
     """{backbone name: [size names]} of everything registered."""
-    return {name: list(entry.sizes) for name, entry in sorted(_REGISTRY.items())}
+    return {name: list(_REGISTRY[name].sizes) for name in _REGISTRY.names()}
 
 
 def backbone_sizes(name: str) -> Mapping[str, dict]:
@@ -53,10 +50,6 @@ def backbone_sizes(name: str) -> Mapping[str, dict]:
 
 
 def _entry(name: str) -> BackboneEntry:
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown backbone '{name}'; registered backbones: {', '.join(sorted(_REGISTRY)) or 'none'}"
-        )
     return _REGISTRY[name]
 
 

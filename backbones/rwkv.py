@@ -44,11 +44,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.errors import ConfigError
+
 from .layers import ConditionedPatchStack, modulate
 from .protocol import BlockStack
-from .registry import ConfigError, register_backbone
+from .registry import register_backbone
 
-#: multiply-adds of one Bi-WKV call per token and channel (the common estimate, platform.md).
+#: multiply-adds of one Bi-WKV call per token and channel (the common estimate; README, Measurement conventions).
 WKV_MACS_PER_TOKEN_CHANNEL = 29
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from backbones.registry import ConfigError
+from core.errors import ConfigError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -41,7 +41,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"missing data file {path}; install it with `apt-get install -y dataset-fashion-mnist` "
-                          "or set data.root to the folder holding the IDX files")
+                          "or set suite.data.kwargs.root to the folder holding the IDX files")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from backbones.registry import ConfigError
-from diffusion.checkpoint import atomic_write, atomic_write_text
+from core.errors import ConfigError
+from core.io import atomic_write, atomic_write_text
 
 from .latents import SD_VAE_SCALING
 

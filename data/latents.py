@@ -1,6 +1,6 @@
 """Precomputed latent arrays: a folder of shards plus ``meta.json``.
 
-Layout (written by ``scripts/encode_latents.py`` or by hand)::
+Layout (written by ``python -m data.encode_latents`` or by hand)::
 
     meta.json            {"shape": [4, 32, 32], "scaling_factor": 0.18215, "num_classes": 1000,
                           "shards": ["shard_00000.npz", ...]}
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backbones.registry import ConfigError
+from core.errors import ConfigError
 
 SD_VAE_SCALING = 0.18215
 

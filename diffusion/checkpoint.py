@@ -1,36 +1,14 @@
-"""Atomic file writes and training checkpoints.
+"""Training checkpoints, written atomically (core.io: a kill at any moment leaves the old file or the new one).
 
-A write goes to a temporary file in the same folder, is flushed to disk, then renamed over the
-target: a kill at any moment leaves either the old file or the new one, never half of one.
+``atomic_write`` and ``atomic_write_text`` are re-exported from core.io for older imports.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Callable
-
 import torch
 
+from core.io import atomic_write, atomic_write_text
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+__all__ = ["atomic_write", "atomic_write_text", "save_checkpoint", "load_checkpoint"]
 
 
 def save_checkpoint(path, state: dict) -> None:

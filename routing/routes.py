@@ -1,10 +1,15 @@
 """Routes r(i->j): which blocks run on a subset of tokens, and how many tokens skip them."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Iterable, List, Mapping, Sequence
+from typing import Iterable, List, Mapping, Sequence, Tuple
 
-from backbones.registry import ConfigError
+from core.errors import ConfigError
+
+# The paper's notation: "2->8@0.5", "r(2->8)@0.5", a negative end counted from the top ("2->-4@0.5").
+_NOTATION = re.compile(r"^\s*(?:r\(\s*(-?\d+)\s*->\s*(-?\d+)\s*\)|(-?\d+)\s*->\s*(-?\d+))\s*@\s*(\S+)\s*$")
+HOW = 'write it as {start: 2, end: 8, rate: 0.5} or "2->8@0.5"'
 
 
 @dataclass(frozen=True)
@@ -26,22 +31,78 @@ class Route:
         return int(n * self.rate)
 
 
-def parse_routes(spec: Iterable[Mapping | Route] | None, depth: int) -> List[Route]:
+def show_route(item) -> str:
+    """A route entry as the user wrote it, for error messages."""
+    if isinstance(item, Mapping):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in item.items()) + "}"
+    return str(item)
+
+
+def route_fields(item) -> Tuple[int, int, float]:
+    """(start, end, rate) of one route entry: a Route, a mapping ``{start: 2, end: 8, rate: 0.5}``, or a
+    string in the paper's notation ``"2->8@0.5"`` / ``"r(2->8)@0.5"`` (``end`` may be negative:
+    ``"2->-4@0.5"``). Anything else is a ConfigError saying how to write it. Ranges are checked later,
+    against the backbone's depth (validate_routes)."""
+    if isinstance(item, Route):
+        return item.start, item.end, item.rate
+    if isinstance(item, str):
+        m = _NOTATION.match(item)
+        if m is None:
+            why = "no rate; " if "@" not in item and _NOTATION.match(item + "@0") else ""
+            raise ConfigError(f"route '{item}': {why}{HOW}")
+        start, end = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+        fields, shown = {"start": start, "end": end, "rate": m.group(5)}, f"'{item}'"
+    elif isinstance(item, Mapping):
+        missing = [k for k in ("start", "end", "rate") if k not in item]
+        extra = sorted(set(map(str, item)) - {"start", "end", "rate"})
+        if missing or extra:
+            what = f"is missing {missing}" if missing else f"has unknown keys {extra}"
+            raise ConfigError(f"route {show_route(item)} {what}; {HOW}")
+        fields, shown = dict(item), show_route(item)
+    else:
+        raise ConfigError(f"route '{item}': {HOW}")
+    values = []
+    for key, convert, what in (("start", _integer, "a block index"), ("end", _integer, "a block index"),
+                               ("rate", _number, "a number")):
+        try:
+            values.append(convert(fields[key]))
+        except (TypeError, ValueError):
+            raise ConfigError(f"route {shown}: {key} '{fields[key]}' is not {what}; {HOW}") from None
+    start, end, rate = values
+    return start, end, rate
+
+
+def _integer(value) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _number(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def route_dict(item) -> dict:
+    """One route entry (any notation route_fields accepts) as ``{start, end, rate}``; ``end`` as written."""
+    start, end, rate = route_fields(item)
+    return {"start": start, "end": end, "rate": rate}
+
+
+def parse_routes(spec: Iterable[Mapping | Route | str] | None, depth: int) -> List[Route]:
     """Build and validate routes for a backbone of ``depth`` blocks.
 
-    Each entry is a Route or a mapping with ``start``, ``end``, ``rate``. A negative ``end``
-    counts from the top like a Python index (``end: -4`` with depth 12 is block 8), so one
-    config states the paper's rule i=2, j=depth-4 for every model size.
+    Each entry is a Route, a mapping with ``start``, ``end``, ``rate``, or a string in the paper's
+    notation (``"2->8@0.5"``, ``"r(2->8)@0.5"``). A negative ``end`` counts from the top like a Python
+    index (``end: -4`` or ``"2->-4@0.5"`` with depth 12 is block 8), so one config states the paper's
+    rule i=2, j=depth-4 for every model size.
     """
+    if isinstance(spec, (str, Mapping)):
+        raise ConfigError(f"routes must be a list of routes, got {show_route(spec)}; e.g. routes: [\"2->8@0.5\"]")
     routes: List[Route] = []
-    for k, item in enumerate(spec or []):
-        if isinstance(item, Route):
-            start, end, rate = item.start, item.end, item.rate
-        else:
-            missing = {"start", "end", "rate"} - set(item)
-            if missing:
-                raise ConfigError(f"route {k} is missing {sorted(missing)}; write it as {{start: 2, end: 8, rate: 0.5}}")
-            start, end, rate = int(item["start"]), int(item["end"]), float(item["rate"])
+    for item in spec or []:
+        start, end, rate = route_fields(item)
         if end < 0:
             end += depth
         routes.append(Route(start, end, rate))

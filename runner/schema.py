@@ -1,0 +1,390 @@
+"""The typed configuration of a suite, checked before anything runs (``validate_suite``).
+
+run_suite.py composes the suite with Hydra, resolves ``scale=auto``, then calls :func:`validate_suite`
+before any suite kind runs: unknown keys, values of the wrong type and impossible values are refused with
+one :class:`~core.errors.ConfigError` naming the key and the fix (run_suite prints it as one ``error:``
+line and exits 2), before any run or results folder is written.
+
+The schema is dataclasses: the training section is :class:`diffusion.train.TrainConfig` and the evaluation
+section :class:`measure.evaluate.EvalConfig` themselves (the fields the code reads are the fields a suite
+may set), the rest is below. OmegaConf merges a section into its dataclass (``OmegaConf.structured``),
+which refuses unknown keys and unconvertible values; :data:`RULES` then refuses impossible values.
+Checks that need a built network (a route beyond the depth, an input size the patch size does not
+divide, an unknown backbone) stay where the network is built, ``runner.spec.validate_run``, which also
+runs before any training.
+
+Escape hatches for plug-ins: a method entry's keys other than ``kind`` and ``backbones`` are that method's
+own arguments (checked against its factory's signature when it is registered); ``suite.objective`` is
+passed to the objective as written; a suite kind that is not built in keeps its own extra keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from core.errors import ConfigError
+
+
+@dataclass
+class DataSchema:
+    name: Optional[str] = None          # a dataset of data.DATASETS (flops/throughput suites give only the shape)
+    resolution: int = 32                # input height = width, in pixels (or latent cells)
+    channels: Optional[int] = None      # flops/throughput suites: the input's channels and classes
+    num_classes: Optional[int] = None
+    limit: Optional[int] = None         # the first `limit` training images (null: all)
+    kwargs: Optional[Dict[str, Any]] = None   # passed to the dataset loader (latents: path)
+
+
+@dataclass
+class BackboneSchema:
+    name: str = "dit"
+    size: Optional[str] = None
+    selection: Optional[str] = None
+    overrides: Optional[Dict[str, Any]] = None   # constructor keywords of the backbone
+
+
+@dataclass
+class SuiteSchema:
+    """The keys every suite may have; kind-specific ones are in KIND_KEYS."""
+    name: str = "suite"
+    kind: str = "train"
+    results_file: Optional[str] = None
+    data: DataSchema = field(default_factory=DataSchema)
+    seed: int = 0
+    seeds: Optional[List[int]] = None
+    jobs: int = 1
+    selection: str = "auto"
+    backbones: List[Any] = field(default_factory=list)        # entries checked against BackboneSchema
+    methods: Dict[str, Any] = field(default_factory=dict)   # entries checked by check_method
+    objective: Any = None                                    # read by the objective plug-in
+    # train: diffusion.train.TrainConfig, eval: measure.evaluate.EvalConfig (checked by check_section)
+    published: Optional[Dict[str, float]] = None             # flops: published GFLOPs per "<backbone>-<size>"
+    sampling: Optional[Dict[str, Any]] = None                # guidance: {mode: EvalConfig keys}
+    batch: Optional[int] = None                              # throughput: images per timed step
+    warmup: Optional[int] = None
+    rounds: Optional[int] = None
+    precision: Optional[str] = None
+    cpu_peak_rss: Optional[bool] = None
+    baseline: Optional[str] = None
+
+
+#: keys only suites of one kind read (a suite of another kind is refused them)
+KIND_KEYS = {"flops": {"published"}, "guidance": {"sampling"},
+             "throughput": {"batch", "warmup", "rounds", "precision", "cpu_peak_rss", "baseline"}}
+#: TrainConfig fields a suite may not set, and what to set instead
+NOT_IN_SUITE = {"train": {"seed": "set the seed with suite.seed=<s> or suite.seeds=[...]"}}
+
+
+def _positive(x): return x > 0
+def _non_negative(x): return x >= 0
+def _unit(x): return 0 <= x < 1
+def _one_of(*options): return lambda x: x in options
+
+
+#: (section, key) -> (test, what the value must be); values None pass (optional keys)
+RULES: Dict[tuple, tuple] = {
+    ("train", "steps"): (_positive, "> 0 (training steps)"),
+    ("train", "global_batch"): (_positive, "> 0 (images per step, all processes together)"),
+    ("train", "lr"): (_positive, "> 0 (AdamW learning rate)"),
+    ("train", "weight_decay"): (_non_negative, ">= 0"),
+    ("train", "betas"): (lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
+    ("train", "ema_decay"): (_unit, "in [0, 1)"),
+    ("train", "label_dropout"): (_unit, "in [0, 1) (the fraction of labels dropped for guidance)"),
+    ("train", "precision"): (_one_of("auto", "fp32", "no", "bf16", "fp16"), "one of auto, fp32, bf16, fp16"),
+    ("train", "grad_clip"): (_positive, "> 0 (or null: no clipping)"),
+    ("train", "checkpoint_every"): (_non_negative, ">= 0 (0: only at the end)"),
+    ("train", "log_every"): (_positive, "> 0"),
+    ("train", "warmup_steps_excluded"): (_non_negative, ">= 0"),
+    ("train", "fault_nan_at_step"): (_positive, "> 0 (or null)"),
+    ("eval", "every"): (_non_negative, ">= 0 (0: only the final step)"),
+    ("eval", "samples"): (_non_negative, ">= 0 (0: no FID)"),
+    ("eval", "batch"): (_positive, "> 0"),
+    ("eval", "sampler_steps"): (_positive, "> 0"),
+    ("eval", "rate_guidance"): (lambda g: len(g) == 3, "three numbers [g1, g2, scale] (or null)"),
+    ("eval", "reference_limit"): (_positive, "> 0 (or null: the whole split)"),
+    ("eval", "vae_batch"): (_positive, "> 0"),
+    ("eval", "fid_at"): (_one_of("every", "final"), "every or final"),
+    ("eval", "loss_images"): (_non_negative, ">= 0 (0: no held-out loss)"),
+    ("eval", "loss_levels"): (_positive, "> 0"),
+    ("eval", "loss_batch"): (_positive, "> 0"),
+    ("eval", "grid_per_class"): (_non_negative, ">= 0 (0: no sample grids)"),
+    ("data", "resolution"): (_positive, "> 0"),
+    ("data", "channels"): (_positive, "> 0"),
+    ("data", "num_classes"): (_positive, "> 0"),
+    ("data", "limit"): (_non_negative, ">= 0 (null or 0: all images)"),
+    ("", "jobs"): (_positive, ">= 1 (runs trained at a time)"),
+    ("", "batch"): (_positive, "> 0"),
+    ("", "warmup"): (_non_negative, ">= 0"),
+    ("", "rounds"): (_positive, "> 0"),
+    ("", "precision"): (_one_of("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16"),
+}
+
+
+def _schemas() -> Dict[str, type]:
+    from diffusion.train import TrainConfig
+    from measure.evaluate import EvalConfig
+
+    return {"train": TrainConfig, "eval": EvalConfig}
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _typed(path: str, value: Mapping, schema: type) -> DictConfig:
+    """``value`` merged into ``schema`` (a dataclass): unknown keys and unconvertible values are ConfigErrors.
+    A value OmegaConf converts (the string "300" for an int) is refused too: the code reads the value as
+    written, so it must already have its type."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path} must be a mapping of keys to values, got {value!r}")
+    known = [f.name for f in dataclasses.fields(schema) if f.name not in NOT_IN_SUITE.get(path.split(".")[-1], {})]
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"unknown key '{path}.{key}'; {_suggest(key, known)}the keys of {path} are: "
+                              f"{', '.join(known)}")
+    try:
+        base = OmegaConf.structured(schema)
+    except OmegaConfBaseException:  # a field type OmegaConf cannot check (a plug-in's): check the keys only
+        return OmegaConf.create(dict(value))
+    try:
+        typed = OmegaConf.merge(base, dict(value))
+    except (ValidationError, ConfigKeyError) as err:
+        key = getattr(err, "full_key", None) or "?"
+        first = str(err).splitlines()[0]
+        default = getattr(schema, str(key).split(".")[0], None)
+        example = f"; e.g. {path}.{key}={default}" if isinstance(default, (int, float, str)) else ""
+        raise ConfigError(f"{path}.{key}: {first}{example}") from None
+    for key, written in value.items():
+        got = typed[key]
+        if isinstance(got, (DictConfig, ListConfig)):
+            got = OmegaConf.to_container(got)
+        if not _same(got, written):
+            raise ConfigError(f"{path}.{key} = {written!r} is a {type(written).__name__}; write it as {got!r}")
+    return typed
+
+
+def _same(typed, written) -> bool:
+    """Whether the typed value is the value as written (a mapping: the keys written; defaults may add others)."""
+    if isinstance(written, Mapping) and isinstance(typed, Mapping):
+        return all(k in typed and _same(typed[k], v) for k, v in written.items())
+    if isinstance(written, (list, tuple)) and isinstance(typed, (list, tuple)):
+        return len(typed) == len(written) and all(_same(a, b) for a, b in zip(typed, written))
+    if isinstance(written, bool) != isinstance(typed, bool):
+        return False
+    if isinstance(written, str) != isinstance(typed, str):
+        return False
+    return typed == written or (isinstance(typed, float) and math.isnan(typed) and isinstance(written, float)
+                                and math.isnan(written))
+
+
+def _default(schema: type, key: str):
+    for f in dataclasses.fields(schema):
+        if f.name == key:
+            return f.default if f.default is not dataclasses.MISSING else None
+    return None
+
+
+def _check_values(path: str, section: str, values: Mapping, written: Mapping, schema: type) -> None:
+    for key, value in values.items():
+        rule = RULES.get((section, key))
+        if rule is None or value is None:
+            continue
+        test, must = rule
+        try:
+            ok = test(value) and not (isinstance(value, float) and math.isnan(value))
+        except TypeError:
+            ok = False
+        if not ok:
+            default = _default(schema, key)
+            fix = f"e.g. {path}.{key}={default}" if default is not None and test(default) else f"set {path}.{key}"
+            raise ConfigError(f"{path}.{key} = {written[key]}: must be {must}; {fix}")
+
+
+def check_section(path: str, section: str, value: Mapping, schema: type) -> DictConfig:
+    """One section (train, eval, data, ...) typed and checked."""
+    for key, fix in NOT_IN_SUITE.get(section, {}).items():
+        if isinstance(value, Mapping) and key in value:
+            raise ConfigError(f"{path}.{key} is not read from the suite: {fix}")
+    typed = _typed(path, value, schema)
+    _check_values(path, section, {k: typed[k] for k in value}, value, schema)
+    return typed
+
+
+def check_method(name: str, entry) -> None:
+    """One entry of suite.methods: null (removed by a scale), or ``{kind: <method kind> (default tread),
+    backbones: [names] (optional filter), <the kind's own arguments>}``. TREAD's arguments are ``routes``
+    (a list; each route a mapping or the paper's notation, "2->8@0.5") and ``selection``."""
+    from routing.routes import route_fields, show_route
+
+    path = f"suite.methods.{name}"
+    if entry is None:
+        return
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{path} must be a mapping such as {{routes: [\"2->8@0.5\"]}}, got {entry!r}")
+    kind = entry.get("kind", "tread")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{path}.kind must be the name of a method kind, got {kind!r}")
+    only = entry.get("backbones")
+    if only is not None and (not isinstance(only, (list, tuple)) or not all(isinstance(b, str) for b in only)):
+        raise ConfigError(f"{path}.backbones must be a list of backbone names, e.g. [dit], got {only!r}")
+    args = {k: v for k, v in entry.items() if k not in ("kind", "backbones")}
+    accepted = _method_arguments(kind)
+    if accepted is not None:
+        for key in args:
+            if key not in accepted:
+                raise ConfigError(f"unknown key '{path}.{key}' for a method of kind {kind}; "
+                                  f"{_suggest(key, accepted)}its keys are: {', '.join(['kind', 'backbones', *accepted])}")
+    if kind == "tread":
+        routes = args.get("routes")
+        if routes is not None and not isinstance(routes, (list, tuple)):
+            raise ConfigError(f"{path}.routes must be a list of routes, got {show_route(routes)}; "
+                              f"e.g. routes: [\"2->8@0.5\"] or [{{start: 2, end: 8, rate: 0.5}}]")
+        for item in routes or []:
+            route_fields(item)
+        selection = args.get("selection")
+        if selection is not None and not isinstance(selection, str):
+            raise ConfigError(f"{path}.selection must be auto, random or rows, got {selection!r}")
+
+
+def _method_arguments(kind: str) -> Optional[List[str]]:
+    """The keyword arguments a registered method kind takes from its suite entry, or None when any are
+    accepted (the kind is not registered here, or its factory takes **kwargs)."""
+    try:
+        from methods import registry
+    except ImportError:
+        if kind != "tread":
+            return None
+        factory = None
+    else:
+        factory = getattr(registry, "_REGISTRY", {}).get(kind)
+    if factory is None:
+        if kind != "tread":
+            return None
+        from routing import RoutedNetwork as factory
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    run_level = {"self", "backbone", "seed", "fp32_after_route"}   # given by the run, not the suite entry
+    return [n for n, p in params.items() if n not in run_level and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def check_root(cfg: DictConfig) -> None:
+    """The keys of config.yaml besides the suite: types and values."""
+    device = cfg.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device = {device}: must be auto, cpu or cuda")
+    for key in ("force",):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{key} = {cfg.get(key)!r}: must be true or false")
+    for key in ("results_dir", "runs_dir"):
+        if not isinstance(cfg.get(key), str) or not cfg.get(key):
+            raise ConfigError(f"{key} = {cfg.get(key)!r}: must be a folder path")
+    only = cfg.get("only")
+    if only is not None and not isinstance(only, str):
+        raise ConfigError(f"only = {only!r}: must be a substring of run names, in quotes: only='{only}'")
+    scale = cfg.get("scale") or {}
+    if scale.get("name") not in ("full", "cpu", "tiny", "auto"):
+        raise ConfigError(f"scale = {scale.get('name')}: must be auto, full, cpu or tiny")
+
+
+def validate_suite(cfg: DictConfig, kinds: Optional[Mapping[str, Callable]] = None) -> Dict[str, DictConfig]:
+    """Check the composed configuration (``scale=auto`` already resolved). Returns its sections typed, with
+    defaults filled in ({"suite", "data", "train", "eval"}; for reading only: the runs use the suite as
+    written, so their configuration hashes do not change). Raises ConfigError: one line naming the key
+    and the fix."""
+    if kinds is None:
+        from runner import SUITE_KINDS as kinds
+    check_root(cfg)
+    try:
+        suite = OmegaConf.to_container(cfg.suite, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"suite: {str(err).splitlines()[0]}") from None
+    if not isinstance(suite, dict):
+        raise ConfigError(f"suite must be a mapping, got {suite!r}")
+    kind = suite.get("kind", "train")
+    if kind not in kinds:
+        raise ConfigError(f"suite {suite.get('name')}: unknown kind '{kind}'; one of {', '.join(kinds)}")
+    sections = _schemas()
+    built_in = kind in ("train", "guidance", "flops", "throughput")
+    top_known = [f.name for f in dataclasses.fields(SuiteSchema)] + list(sections)
+    for key in suite:
+        if key not in top_known and built_in:
+            raise ConfigError(f"unknown key 'suite.{key}'; {_suggest(key, top_known)}the keys of a {kind} suite are: "
+                              f"{', '.join(k for k in top_known if k not in _other_kinds_keys(kind))}")
+        if built_in and key in _other_kinds_keys(kind):
+            owner = next(k for k, keys in KIND_KEYS.items() if key in keys)
+            raise ConfigError(f"suite.{key} is read by {owner} suites only, and this suite's kind is {kind}; remove it")
+    if "name" not in suite:
+        raise ConfigError("suite.name is missing; every suite names itself (name: <suite>)")
+    top = {k: v for k, v in suite.items() if k in top_known and k not in sections}
+    if not built_in:
+        top = {k: v for k, v in top.items() if k in {f.name for f in dataclasses.fields(SuiteSchema)}}
+    typed = {"suite": check_section("suite", "", {k: v for k, v in top.items() if k != "data"}, SuiteSchema),
+             "data": check_section("suite.data", "data", suite.get("data") or {}, DataSchema)}
+    for key, schema in sections.items():
+        if suite.get(key) is not None:
+            typed[key] = check_section(f"suite.{key}", key, suite[key], schema)
+    for k, entry in enumerate(suite.get("backbones") or []):
+        check_section(f"suite.backbones[{k}]", "backbone", entry, BackboneSchema)
+        if not entry.get("name"):
+            raise ConfigError(f"suite.backbones[{k}] has no name; write it as {{name: dit, size: S/2}}")
+    if kind in ("train", "guidance", "flops", "throughput") and not suite.get("backbones"):
+        raise ConfigError(f"suite {suite['name']}: suite.backbones is empty; list at least one, e.g. "
+                          "[{name: dit, size: S/2}]")
+    methods = suite.get("methods") or {}
+    for name, entry in methods.items():
+        check_method(str(name), entry)
+    if built_in and not any(e is not None for e in methods.values()):
+        raise ConfigError(f"suite {suite['name']}: suite.methods is empty; add one, e.g. baseline: {{routes: []}}")
+    _check_objective(suite.get("objective"))
+    seeds = suite.get("seeds")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"suite.seeds = {seeds}: must be a non-empty list of distinct integers, e.g. [0, 1, 2]")
+    if kind == "throughput":
+        baseline = suite.get("baseline", "baseline")
+        if methods.get(baseline) is None:
+            raise ConfigError(f"suite.baseline = {baseline}: not a method of this suite; one of "
+                              f"{', '.join(m for m, e in methods.items() if e is not None)}")
+    if kind == "guidance":
+        _check_guidance(suite, sections["eval"])
+    return typed
+
+
+def _other_kinds_keys(kind: str) -> set:
+    return set().union(*(keys for k, keys in KIND_KEYS.items() if k != kind))
+
+
+def _check_guidance(suite: dict, eval_schema: type) -> None:
+    sampling = suite.get("sampling")
+    if not sampling:
+        raise ConfigError("suite.sampling is empty; a guidance suite names its sampling modes, e.g. "
+                          "{unguided: {}, cfg: {cfg_scale: 1.5}}")
+    for mode, spec in sampling.items():
+        check_section(f"suite.sampling.{mode}", "eval", spec or {}, eval_schema)
+    if (suite.get("methods") or {}).get("tread") is None:
+        raise ConfigError("a guidance suite samples its method 'tread'; suite.methods.tread is missing")
+
+
+def _check_objective(objective) -> None:
+    """suite.objective: {name: <objective>, <its arguments>} (suites/objective/), built once to check it."""
+    if objective is None:
+        return
+    if not isinstance(objective, Mapping) or not isinstance(objective.get("name", "edm"), str):
+        raise ConfigError(f"suite.objective must be a mapping such as {{name: edm}}, got {objective!r}; "
+                          "pick one with objective=<name>")
+    try:
+        from objectives import build_objective
+    except ImportError:
+        return
+    build_objective(**objective)   # unknown names and arguments are ConfigErrors

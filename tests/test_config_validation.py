@@ -1,0 +1,167 @@
+"""Bad configuration is refused before anything is written: one `error:` line naming the key and the fix, exit
+code 2, no run folder and no results folder. Every shipped suite validates at every scale."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import runner
+from core.errors import ConfigError
+from suite_helpers import compose_suite, run
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SUITES = ["smoke", "flops", "throughput", "arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance"]
+HOW = 'write it as {start: 2, end: 8, rate: 0.5} or "2->8@0.5"'
+
+# (override of `suite=smoke scale=tiny`, the exact message after "error: ")
+BAD = [
+    ('suite.methods.tread.routes=["2to8"]', f"route '2to8': {HOW}"),
+    ('suite.methods.tread.routes=["1->3"]', f"route '1->3': no rate; {HOW}"),
+    ('suite.methods.tread.routes=["1->3@half"]', f"route '1->3@half': rate 'half' is not a number; {HOW}"),
+    ("suite.methods.tread.routes=[{start:1,end:3,rate:half}]",
+     f"route {{start: 1, end: 3, rate: half}}: rate 'half' is not a number; {HOW}"),
+    ('suite.methods.tread.routes="1->3@0.5"', 'suite.methods.tread.routes must be a list of routes, got 1->3@0.5; '
+     'e.g. routes: ["2->8@0.5"] or [{start: 2, end: 8, rate: 0.5}]'),
+    ("+suite.methods.tread.rotues=[]", "unknown key 'suite.methods.tread.rotues' for a method of kind tread; did you "
+     "mean 'routes'? its keys are: kind, backbones, routes, selection"),
+    ("suite.train.steps=0", "suite.train.steps = 0: must be > 0 (training steps); e.g. suite.train.steps=1000"),
+    ("suite.train.steps=abc", "suite.train.steps: Value 'abc' of type 'str' could not be converted to Integer; "
+     "e.g. suite.train.steps=1000"),
+    ("suite.train.global_batch=0", "suite.train.global_batch = 0: must be > 0 (images per step, all processes "
+     "together); e.g. suite.train.global_batch=256"),
+    ("suite.train.lr=-1", "suite.train.lr = -1: must be > 0 (AdamW learning rate); e.g. suite.train.lr=0.0001"),
+    ('suite.train.lr="0.001"', "suite.train.lr = '0.001' is a str; write it as 0.001"),
+    ("suite.train.ema_decay=1.0", "suite.train.ema_decay = 1.0: must be in [0, 1); e.g. suite.train.ema_decay=0.9999"),
+    ("+suite.train.stepz=3", "unknown key 'suite.train.stepz'; did you mean 'steps'? the keys of suite.train are: "
+     "steps, global_batch, lr, betas, weight_decay, ema_decay, label_dropout, precision, route_aware_loss, "
+     "fp32_after_route, grad_clip, checkpoint_every, log_every, warmup_steps_excluded, compile, compile_blocks, "
+     "fault_nan_at_step"),
+    ("+suite.train.seed=3", "suite.train.seed is not read from the suite: set the seed with suite.seed=<s> or "
+     "suite.seeds=[...]"),
+    ("+suite.eval.sample=8", "unknown key 'suite.eval.sample'; did you mean 'samples'?"),
+    ("suite.eval.every=-1", "suite.eval.every = -1: must be >= 0 (0: only the final step); e.g. suite.eval.every=0"),
+    ("+suite.seeds=[0,0]", "suite.seeds = [0, 0]: must be a non-empty list of distinct integers, e.g. [0, 1, 2]"),
+    ("+suite.jobs=0", "suite.jobs = 0: must be >= 1 (runs trained at a time); e.g. suite.jobs=1"),
+    ("+suite.batch=8", "suite.batch is read by throughput suites only, and this suite's kind is train; remove it"),
+    ("suite.backbones=[{name:dit,sise:tiny}]", "unknown key 'suite.backbones[0].sise'; did you mean 'size'? the keys "
+     "of suite.backbones[0] are: name, size, selection, overrides"),
+    ("device=gpu", "device = gpu: must be auto, cpu or cuda"),
+]
+NOT_DIVISIBLE = ("input size 30 is not divisible by the patch size 4: set the data resolution (suite.data.resolution) "
+                 "to a multiple of 4, or pick a backbone size whose patch size divides 30")
+
+
+def dirs(tmp):
+    return [f"results_dir={tmp}/results", f"runs_dir={tmp}/runs"]
+
+
+def nothing_written(tmp):
+    return not (Path(tmp) / "runs").exists() and not (Path(tmp) / "results").exists()
+
+
+@pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        run(["suite=smoke", "scale=tiny", *dirs(tmp_path), override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert nothing_written(tmp_path)
+
+
+def test_input_size_not_divisible_by_the_patch(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(["suite=smoke", "scale=tiny", *dirs(tmp_path), "suite.data.resolution=30"])
+    assert str(err.value) == NOT_DIVISIBLE
+    assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [BAD[0], BAD[6], BAD[12], ("suite.data.resolution=30", NOT_DIVISIBLE)],
+                         ids=["route", "steps", "unknown-key", "patch"])
+def test_run_suite_prints_one_error_line_and_exits_2(tmp_path, override, message):
+    res = subprocess.run([sys.executable, "run_suite.py", "suite=smoke", "scale=tiny", *dirs(tmp_path), override],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert "Traceback" not in res.stderr
+    assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("routes", ['["1->3@0.5"]', '["r(1->3)@0.5"]', '["1->-3@0.5"]'])
+def test_routes_in_the_papers_notation(routes):
+    cfg = compose_suite(["suite=smoke", "scale=tiny", f"suite.methods.tread.routes={routes}"])
+    runner.validate_suite(cfg)
+    (run_,) = [r for r in runner.expand_runs(runner.resolve_suite(cfg), cfg.scale) if r.method == "tread"]
+    runner.validate_run(run_, (1, 32, 32), 10)
+    assert run_.routes_str() == "r(1->3)@0.5"  # depth 6: end -3 is block 3
+
+
+@pytest.mark.parametrize("scale", ["full", "cpu", "tiny", "auto"])
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_suite_validates_at_every_scale(suite, scale, monkeypatch):
+    monkeypatch.delenv("IMAGENET_LATENTS", raising=False)
+    typed = runner.validate_suite(compose_suite([f"suite={suite}", f"scale={scale}"]))
+    assert typed["suite"].name == suite
+
+
+def test_a_suite_whose_runs_all_fail_writes_its_table_and_exits_1(tmp_path, capsys):
+    args = ["suite=smoke", "scale=tiny", *dirs(tmp_path), "suite.train.steps=2", "suite.data.limit=64"]
+    assert run(args) == 0  # a table exists already: the failed rows are upserted into it
+    for _ in range(2):  # twice: a rerun replaces its failed rows
+        assert run(args + ["+suite.train.fault_nan_at_step=1"]) == 1
+        assert "2 of 2 runs failed" in capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "results" / "smoke.csv")
+    failed = table[table.status == "failed"]
+    assert failed.method.tolist() == ["baseline", "tread"]
+    assert failed.error.str.contains("loss became nan at step 1").all()
+
+
+def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monkeypatch):
+    import runner.guidance as guidance
+
+    cfg = compose_suite(["suite=guidance", "scale=tiny", *dirs(tmp_path)])
+    suite = runner.resolve_suite(cfg)
+    run_dir = tmp_path / "runs" / "guidance" / "tiny" / "dit-tiny-tread"
+    run_dir.mkdir(parents=True)
+    seen = []
+
+    def train_one(run, suite, data, run_dir, device, snapshot):  # stops the suite where training would start
+        seen.append((run_dir / "checkpoint.pt").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(guidance, "train_one", train_one)
+    for hash_written in ("another configuration", None):  # None: the hash this configuration wrote
+        (run_dir / "checkpoint.pt").write_text("weights")
+        if hash_written:
+            (run_dir / "config_hash").write_text(hash_written)
+        with pytest.raises(KeyboardInterrupt):
+            guidance.run_guidance_suite(cfg, suite)
+    assert seen == [False, True]  # the stale checkpoint was deleted, the matching one kept
+
+
+def test_mamba_A_log_and_D_are_not_decayed(tmp_path):
+    from data import load_dataset
+    from diffusion.train import Trainer, TrainConfig, build_denoiser
+
+    data = load_dataset("synthetic", 32, limit=8)
+    den = build_denoiser("mamba", "tiny", data.shape, data.num_classes)
+    trainer = Trainer(den, data, TrainConfig(weight_decay=0.05, global_batch=2), tmp_path)
+    decayed, undecayed = trainer.opt.param_groups
+    names = {id(p): n for n, p in den.named_parameters()}
+    flagged = {n.rsplit(".", 1)[-1] for n in map(names.get, map(id, undecayed["params"]))}
+    assert undecayed["weight_decay"] == 0 and decayed["weight_decay"] == 0.05 and flagged == {"A_log", "D"}
+    assert len(undecayed["params"]) == 2 * 2 * 6  # A_log and D of two mixers in each of 6 blocks
+    plain = Trainer(build_denoiser("mamba", "tiny", data.shape, data.num_classes), data, TrainConfig(global_batch=2),
+                    tmp_path)
+    assert len(plain.opt.param_groups) == 1  # no weight decay: one group, as checkpoints written before have
+
+
+def test_one_error_type_and_one_atomic_writer():
+    import backbones.registry
+    import core
+    import diffusion.checkpoint
+
+    assert backbones.registry.ConfigError is core.ConfigError
+    assert diffusion.checkpoint.atomic_write_text is core.atomic_write_text
