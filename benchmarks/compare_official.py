@@ -128,7 +128,7 @@ def build_official(dit, routed: bool, compiled: bool):
 def build_ours(routed: bool, compiled: bool = False):
     net = RoutedNetwork(build_backbone("dit", "S/2", **SIZE), routes=OUR_ROUTES if routed else [])
     if compiled:
-        for block in net.backbone.blocks:
+        for block in net.blocks:
             block.compile()
     return net
 

@@ -75,10 +75,16 @@ def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, class_labels: torch.Tensor,
     else:
         denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels), []
     err = loss_weight(sigma4, denoiser.sigma_data) * (_at_least_fp32(denoised) - _at_least_fp32(x)) ** 2
+    return route_mean(err, masks)
+
+
+def route_mean(err: torch.Tensor, masks) -> torch.Tensor:
+    """Per-sample mean of the (B, C, H, W) error ``err``: over all pixels when ``masks`` is empty, else over
+    the pixels of the tokens each route processed, averaged over routes (the v1 route-aware loss)."""
     if not masks:
         return err.mean(dim=(1, 2, 3))
     per_route = []
     for mask in masks:  # token mask (B, rows, cols) -> pixel mask by nearest upsampling
-        pix = F.interpolate(mask[:, None].float(), size=x.shape[-2:], mode="nearest")
-        per_route.append((err * pix).sum(dim=(1, 2, 3)) / (pix.sum(dim=(1, 2, 3)) * x.shape[1]))
+        pix = F.interpolate(mask[:, None].float(), size=err.shape[-2:], mode="nearest")
+        per_route.append((err * pix).sum(dim=(1, 2, 3)) / (pix.sum(dim=(1, 2, 3)) * err.shape[1]))
     return torch.stack(per_route).mean(dim=0)

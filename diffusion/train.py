@@ -1,4 +1,5 @@
-"""Training loop: EDM loss on a RoutedNetwork, AdamW, EMA, accelerate, checkpoints, NaN guard.
+"""Training loop: an objective's loss (objectives/) on a token-reduction method's network (methods/), AdamW,
+EMA, accelerate, checkpoints, NaN guard. The loop calls only the objective and method interfaces.
 
 Reproducibility across process counts: every random draw of a step (image indices, labels dropped,
 noise levels, noise, token selection) is made for the GLOBAL batch from CPU generators and each
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,12 +20,11 @@ from accelerate import Accelerator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from backbones import build_backbone
-from backbones.registry import ConfigError
-from routing import RoutedNetwork
+from backbones.protocol import weight_decay_groups
+from core.errors import ConfigError
+from core.io import atomic_write_text
 
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .edm import EDMConfig, EDMDenoiser, edm_loss, sample_sigma
+from .checkpoint import load_checkpoint, save_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,25 +52,31 @@ class TrainConfig:
                                      # official code does); one graph per token count a block sees
     fault_nan_at_step: Optional[int] = None  # fault injection for tests: the loss turns NaN at this step
     seed: int = 0
-    edm: EDMConfig = field(default_factory=EDMConfig)
 
 
 def build_denoiser(backbone: str, size: str, data_shape, num_classes: int, routes=(), selection="auto",
-                   fp32_after_route=True, seed=0, **backbone_overrides) -> EDMDenoiser:
-    channels, height, width = data_shape
-    if height != width:
-        raise ConfigError(f"square inputs only; got {height}x{width}")
-    bb = build_backbone(backbone, size, input_size=height, in_channels=channels, num_classes=num_classes,
-                        **backbone_overrides)
-    net = RoutedNetwork(bb, routes, selection=selection, fp32_after_route=fp32_after_route, seed=seed)
-    return EDMDenoiser(net)
+                   fp32_after_route=True, seed=0, **backbone_overrides):
+    """Shorthand for tests and scripts: TREAD ``routes`` on ``backbone`` (methods.build_network), wrapped by EDM."""
+    from methods import build_network
+    from objectives import build_objective
+
+    net = build_network(backbone, size, data_shape, num_classes, "tread", seed=seed, fp32_after_route=fp32_after_route,
+                        overrides=backbone_overrides, routes=routes, selection=selection)
+    return build_objective("edm").wrap(net)
 
 
 class Trainer:
-    """Trains one denoiser on one ImageSet; ``run_dir`` holds its checkpoint and stats."""
+    """Trains one model (``objective.wrap(method network)``) on one ImageSet; ``run_dir`` holds its checkpoint
+    and stats. ``objective`` defaults to EDM."""
 
-    def __init__(self, denoiser: EDMDenoiser, data, cfg: TrainConfig, run_dir: str | Path,
-                 accelerator: Optional[Accelerator] = None, config_snapshot: Optional[dict] = None):
+    def __init__(self, denoiser, data, cfg: TrainConfig, run_dir: str | Path,
+                 accelerator: Optional[Accelerator] = None, config_snapshot: Optional[dict] = None,
+                 objective=None):
+        if objective is None:
+            from objectives import build_objective
+
+            objective = build_objective("edm")
+        self.objective = objective
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
         self.config_snapshot = config_snapshot or {}
         if accelerator is None:
@@ -83,13 +89,14 @@ class Trainer:
             raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes; "
                               f"use a multiple of {world}")
         self.local_batch = cfg.global_batch // world
-        denoiser.net.shard = (self.acc.process_index, world)
+        denoiser.net.set_shard(self.acc.process_index, world)
         self.ema = AveragedModel(denoiser, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.raw = denoiser
-        opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(weight_decay_groups(denoiser, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)  # params flagged no_weight_decay: none
         if cfg.compile_blocks:
-            for block in denoiser.net.backbone.blocks:
+            for block in denoiser.net.blocks:
                 block.compile()
         model = torch.compile(denoiser) if cfg.compile else denoiser
         self.model, self.opt = self.acc.prepare(model, opt)
@@ -111,7 +118,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
             "step": self.step, "images_seen": self.images_seen, "elapsed": self.elapsed,
-            "rng": {"data": self.data_gen.get_state(), "routing": self.raw.net.generator.get_state(),
+            "rng": {"data": self.data_gen.get_state(), "routing": self.raw.net.rng_state(),
                     "torch": torch.get_rng_state()},
             "stats": self.stats, "evals": self.evals, "window": self.window,
             "config": self.config_snapshot,
@@ -131,7 +138,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.images_seen, self.elapsed = state["step"], state["images_seen"], state["elapsed"]
         self.data_gen.set_state(state["rng"]["data"])
-        self.raw.net.generator.set_state(state["rng"]["routing"])
+        self.raw.net.set_rng_state(state["rng"]["routing"])
         torch.set_rng_state(state["rng"]["torch"])
         self.stats, self.evals, self.window = state["stats"], state.get("evals", []), state.get("window", [])
         if self.acc.is_main_process:  # drop lines logged after the checkpoint by the interrupted run
@@ -144,19 +151,18 @@ class Trainer:
         n, gb, cfg = len(self.data), self.cfg.global_batch, self.cfg
         idx = torch.randint(n, (gb,), generator=self.data_gen)
         drop = torch.rand(gb, generator=self.data_gen) < cfg.label_dropout
-        sigma = sample_sigma(gb, cfg.edm, self.data_gen)
-        noise = torch.randn((gb, *self.data.shape), generator=self.data_gen)
+        draws = self.objective.draw(gb, self.data.shape, self.data_gen)  # e.g. noise levels and noise
         lo, hi = self.acc.process_index * self.local_batch, (self.acc.process_index + 1) * self.local_batch
         x = self.data.images[idx[lo:hi]]
         y = torch.where(drop, self.data.num_classes, self.data.labels[idx])[lo:hi]
         dev = self.acc.device
-        return x.to(dev), y.to(dev), sigma[lo:hi].to(dev), noise[lo:hi].to(dev)
+        return x.to(dev), y.to(dev), {k: v[lo:hi].to(dev) for k, v in draws.items()}
 
     def train_step(self) -> float:
-        x, y, sigma, noise = self._draw_batch()
+        x, y, draws = self._draw_batch()
         self.model.train()
         with self.acc.autocast():
-            loss = edm_loss(self.model, x, y, sigma, noise, route_aware=self.cfg.route_aware_loss).mean()
+            loss = self.objective.loss(self.model, x, y, draws, route_aware=self.cfg.route_aware_loss).mean()
         self.opt.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         if self.cfg.grad_clip:
@@ -218,5 +224,5 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     @property
-    def ema_denoiser(self) -> EDMDenoiser:
+    def ema_denoiser(self):
         return self.ema.module

@@ -5,22 +5,22 @@ and level), so the value differs between two evaluations only because the model 
 low-variance, and comparable across runs, seeds and resumes. MLPerf Training's current diffusion
 benchmark uses such an evaluation loss as its quality target.
 
-Noise levels: the K quantiles sigma_k = exp(P_mean + P_std * Phi^-1((k + 1/2) / K)) of EDM's training
-distribution of log sigma, so each level stands for a bin of probability 1/K and the equal-weight mean
-over levels (the "weighted mean", weights 1/K) estimates the expected training loss
-E_sigma[lambda(sigma) ||D(x + sigma n; sigma) - x||^2] (mean over pixels), the quantity training lowers.
+Levels: the objective's fixed grid (objectives/*.py ``eval_levels``), K equal-probability bins of its
+training draws, so the equal-weight mean over levels (the "weighted mean", weights 1/K) estimates the
+expected training loss, the quantity training lowers. EDM: the K quantiles sigma_k = exp(P_mean + P_std *
+Phi^-1((k + 1/2) / K)) of the training distribution of log sigma, loss E_sigma[lambda(sigma) ||D(x + sigma n;
+sigma) - x||^2]; flow: t_k = (k + 1/2) / K, loss E_t ||v(x_t, t) - (n - x)||^2 (both means over pixels).
 The model is evaluated in eval mode: the EMA weights, no routing, no label dropout.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
 import torch
-from scipy import stats
 
-from diffusion.edm import EDMConfig, edm_loss
+from objectives import Objective, build_objective
+from objectives.edm import quantile_sigmas  # noqa: F401  (the EDM levels; importable from here as before)
 
 
 @dataclass
@@ -32,40 +32,39 @@ class EvalLossConfig:
     split: str = "test"
 
 
-def quantile_sigmas(levels: int, edm: EDMConfig = EDMConfig()) -> torch.Tensor:
-    """(levels,) float64 noise levels at the mid-quantiles of log sigma ~ N(P_mean, P_std^2)."""
-    z = stats.norm.ppf((np.arange(levels) + 0.5) / levels)
-    return torch.from_numpy(np.exp(edm.P_mean + edm.P_std * z))
-
-
 class HeldOutLoss:
-    """``HeldOutLoss(images, labels, cfg)(denoiser) -> {"eval_loss": mean, "eval_loss_sigma<k>": ...}``."""
+    """``HeldOutLoss(images, labels, cfg, objective)(model) -> {"eval_loss": mean, "eval_loss_<level>": ...}``
+    (``objective`` defaults to EDM; columns eval_loss_sigma<s> for EDM, eval_loss_t<t> for flow)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: EvalLossConfig = EvalLossConfig(),
-                 edm: EDMConfig = EDMConfig(), loss_fn: Optional[Callable] = None):
+                 objective: Optional[Objective] = None):
         self.cfg = cfg
+        self.objective = objective or build_objective("edm")
         self.images, self.labels = images[:cfg.images].float(), labels[:cfg.images].long()
-        self.sigmas = quantile_sigmas(cfg.levels, edm).float()
+        self.levels = self.objective.eval_levels(cfg.levels).float()
         g = torch.Generator().manual_seed(cfg.seed)
         self.noise = torch.randn((cfg.levels, *self.images.shape), generator=g)
-        self.loss_fn = loss_fn or edm_loss
+
+    @property
+    def sigmas(self) -> torch.Tensor:  # EDM's name for the levels
+        return self.levels
 
     def column_names(self) -> list[str]:
-        return [f"eval_loss_sigma{s:.3g}" for s in self.sigmas.tolist()]
+        return [f"eval_loss_{self.objective.level_symbol}{v:.3g}" for v in self.levels.tolist()]
 
     @torch.no_grad()
     def per_level(self, denoiser, device="cpu") -> torch.Tensor:
         """(levels,) float64: mean per-image loss at each noise level."""
         was_training = denoiser.training
         denoiser.eval()
-        totals = torch.zeros(len(self.sigmas), dtype=torch.float64)
+        totals = torch.zeros(len(self.levels), dtype=torch.float64)
         n, b = len(self.images), self.cfg.batch
-        for k, sigma in enumerate(self.sigmas):
+        for k, level in enumerate(self.levels):
             for start in range(0, n, b):
                 x = self.images[start:start + b].to(device)
                 y = self.labels[start:start + b].to(device)
-                s = sigma.expand(len(x)).to(device)
-                totals[k] += self.loss_fn(denoiser, x, y, s, self.noise[k, start:start + b].to(device)).double().sum().cpu()
+                draws = self.objective.level_draws(level.to(device), self.noise[k, start:start + b].to(device))
+                totals[k] += self.objective.loss(denoiser, x, y, draws).double().sum().cpu()
         denoiser.train(was_training)
         return totals / n
 

@@ -1,6 +1,7 @@
-"""Sample-quality evaluation during training: EMA model, EDM Heun sampler, FID against a cached reference.
+"""Sample-quality evaluation during training: EMA model, the objective's sampler (EDM Heun by default), FID
+against a cached reference.
 
-Every result records the protocol next to the number (users.md #1): samples, sampler, steps, guidance,
+Every result records the protocol next to the number: samples, sampler, steps, guidance,
 reference statistics, feature extractor, precision.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from diffusion.sampler import SamplerConfig, heun_sample
+from diffusion.sampler import SamplerConfig
 
 
 @dataclass
@@ -38,31 +39,43 @@ class EvalConfig:
     loss_seed: int = 2024
     loss_batch: int = 256
     loss_split: str = "test"
+    loss_path: Optional[str] = None       # latent suites: a latent folder of held-out images (runner/train.py)
     # a sample grid at every evaluation point: grid_per_class rows of up to 10 classes; 0 = off
     grid_per_class: int = 0
     grid_seed: int = 7
 
 
+def _objective(objective):
+    if objective is None:
+        from objectives import build_objective
+
+        return build_objective("edm")
+    return objective
+
+
 @torch.no_grad()
 def generate(denoiser, count: int, data_shape, num_classes: int, sampler: SamplerConfig, seed: int,
-             batch: int, device, progress: bool = False) -> torch.Tensor:
+             batch: int, device, progress: bool = False, objective=None) -> torch.Tensor:
     """``count`` samples in [-1, 1] (float32, CPU), class labels cycling 0..num_classes-1; seeded."""
     labels = torch.arange(count) % num_classes
-    return generate_with_labels(denoiser, labels, data_shape, num_classes, sampler, seed, batch, device, progress)
+    return generate_with_labels(denoiser, labels, data_shape, num_classes, sampler, seed, batch, device, progress,
+                                objective)
 
 
 @torch.no_grad()
 def generate_with_labels(denoiser, labels: torch.Tensor, data_shape, num_classes: int, sampler: SamplerConfig,
-                         seed: int, batch: int, device, progress: bool = False) -> torch.Tensor:
-    """One sample per label in [-1, 1] (float32, CPU); the noise is drawn from ``seed`` for all labels at once."""
+                         seed: int, batch: int, device, progress: bool = False, objective=None) -> torch.Tensor:
+    """One sample per label in [-1, 1] (float32, CPU); the noise is drawn from ``seed`` for all labels at once.
+    ``objective`` (objectives/, default EDM) samples with its own ODE solver."""
+    objective = _objective(objective)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), *data_shape, generator=g)
     was_training = denoiser.training
     denoiser.eval()
     out = []
     for start in range(0, len(labels), batch):
-        x = heun_sample(denoiser, noise[start:start + batch].to(device), labels[start:start + batch].to(device),
-                        sampler, null_label=num_classes, progress=progress)
+        x = objective.sample(denoiser, noise[start:start + batch].to(device), labels[start:start + batch].to(device),
+                             sampler, null_label=num_classes, progress=progress)
         out.append(x.float().clamp(-1, 1).cpu())
     denoiser.train(was_training)
     return torch.cat(out)
@@ -85,10 +98,10 @@ class FIDEvaluator:
     ``reference`` is an npz path (ADM batch or cached statistics) or real images in [-1, 1].
     """
 
-    def __init__(self, cfg: EvalConfig, reference, reference_name: str, num_classes: int):
+    def __init__(self, cfg: EvalConfig, reference, reference_name: str, num_classes: int, objective=None):
         from measure.fid import ImageReference, to_uint8
 
-        self.cfg, self.num_classes = cfg, num_classes
+        self.cfg, self.num_classes, self.objective = cfg, num_classes, _objective(objective)
         self.reference = reference if isinstance(reference, str) else ImageReference(reference_name, to_uint8(reference))
         self.sampler = SamplerConfig(steps=cfg.sampler_steps, cfg_scale=cfg.cfg_scale,
                                      rate_guidance=tuple(cfg.rate_guidance) if cfg.rate_guidance else None)
@@ -108,7 +121,7 @@ class FIDEvaluator:
         from measure.fid import compute_metrics, to_uint8
 
         images = generate(denoiser, self.cfg.samples, data_shape, self.num_classes, self.sampler, self.cfg.seed,
-                          self.cfg.batch, device, progress=True)
+                          self.cfg.batch, device, progress=True, objective=self.objective)
         if self.cfg.vae:
             images = decode_latents(images, self.cfg.vae, self.cfg.latent_scaling, self.cfg.vae_batch, device)
         metrics = compute_metrics(to_uint8(images), self.reference, extractor=self.cfg.extractor,
@@ -117,7 +130,7 @@ class FIDEvaluator:
                     else f"cfg {self.cfg.cfg_scale:g}" if self.cfg.cfg_scale != 1 else "none")
         row = {"fid": metrics.get("fid"), "kid": metrics.get("kid_mean"), "precision": metrics.get("precision"),
                "recall": metrics.get("recall"), "fid_samples": metrics["num_samples"],
-               "sampler": "EDM Heun (deterministic) fp32 EMA" + (f" + {self.cfg.vae} decode" if self.cfg.vae else ""), "sampler_steps": self.cfg.sampler_steps,
+               "sampler": f"{self.objective.sampler_name()} fp32 EMA" + (f" + {self.cfg.vae} decode" if self.cfg.vae else ""), "sampler_steps": self.cfg.sampler_steps,
                "guidance": guidance, "reference": metrics["reference"],
                "feature_extractor": metrics["feature_extractor"]}
         return row

@@ -37,7 +37,7 @@ from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_
 from torch_fidelity import (KEY_METRIC_F_SCORE, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN,
                             KEY_METRIC_KID_STD, KEY_METRIC_PRECISION, KEY_METRIC_RECALL)
 
-from backbones.registry import ConfigError
+from core.errors import ConfigError
 
 TF_EXTRACTOR = "inception-v3-compat"
 PORT_EXTRACTOR = "inception-v3-tf-port"

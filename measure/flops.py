@@ -133,10 +133,11 @@ class _ScanHooks:
 
 
 class _TokenHooks:
-    """Records the sequence length each backbone block receives (routing shows up here)."""
+    """Records the sequence length each block receives (token reduction shows up here); ``net.blocks`` is
+    the hook point of a method network (methods.Method.blocks) and of a bare backbone."""
 
     def __init__(self, net: nn.Module):
-        blocks = getattr(getattr(net, "backbone", net), "blocks", [])
+        blocks = getattr(net, "blocks", [])
         self.tokens = [None] * len(blocks)
         self._handles = [b.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(blocks)]
 
@@ -188,29 +189,25 @@ class _CallWithKwargs(nn.Module):
 
 
 class _Mode:
-    """Puts the net in the mode that does (or does not) route, and restores its modes after."""
+    """Puts the net in the mode that does (or does not) reduce tokens, and restores its modes after.
+
+    (The fp32 block a method may run after a route end only changes dtypes, not MACs; the router skips
+    autocast on the meta device, and fvcore's CPU copy runs in fp32 anyway.)"""
 
     def __init__(self, net: nn.Module, routed: bool, force_rate: Optional[float]):
         self.net, self.kwargs = net, {}
-        self.train = routed and force_rate is None  # RoutedNetwork routes in train mode ...
+        self.train = routed and force_rate is None  # methods reduce tokens in train mode ...
         if routed and force_rate is not None:  # ... or in eval mode at a forced rate
             self.kwargs = {"force_rate": float(force_rate)}
 
     def __enter__(self):
         self.saved = {m: m.training for m in self.net.modules()}
         self.net.train(self.train)
-        # The fp32 block after a route end only changes dtypes, not MACs, and torch.autocast
-        # rejects the meta device: count without it.
-        self.fp32 = getattr(self.net, "fp32_after_route", None)
-        if self.fp32 is not None:
-            self.net.fp32_after_route = False
         return self.kwargs
 
     def __exit__(self, *exc):
         for module, training in self.saved.items():
             module.training = training
-        if self.fp32 is not None:
-            self.net.fp32_after_route = self.fp32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,27 +330,23 @@ def _tokens_summary(tokens: Sequence[int]) -> str:
     return ",".join(f"{count}x{n}" for count, n in runs)
 
 
-def flops_table_row(backbone: str, size: str, routes: Sequence = (), selection: str = "auto",
-                    input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> dict:
-    """One table row for a registered backbone at ``size`` with ``routes`` (GFLOPs in DiT's convention).
-
-    The network is built on the meta device (no memory, no init); fvcore runs a CPU copy.
-    ``gflops_train`` is the training cost per image of the routed network (= unrouted without routes).
-    """
-    from backbones import build_backbone  # local: keeps `import measure.flops` light
-    from routing import RoutedNetwork
-
-    with torch.device("meta"):
-        bb = build_backbone(backbone, size, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
-        net = RoutedNetwork(bb, list(routes), selection=selection)
+def flops_row(net: nn.Module, input_size: int, in_channels: int, num_classes: int) -> dict:
+    """One table row (GFLOPs in DiT's convention) of a method network (methods.Method), built on the meta
+    device (no memory, no init); fvcore runs a CPU copy. ``gflops_train`` is the training cost per image of
+    the network as it trains (= unreduced when the method reduces nothing). The tokens each block received
+    must be the ones the method declares (``tokens_per_block``)."""
     cpu_net = materialize_cpu(net)
     data = (input_size, in_channels, num_classes)
     full = count_forward_macs(net, *data, routed=False, fvcore_net=cpu_net)
     routed = count_forward_macs(net, *data, routed=True, fvcore_net=cpu_net)
+    declared = net.tokens_per_block()
+    if routed["tokens_per_block"] != declared:
+        raise RuntimeError(f"{type(net).__name__} declares tokens per block {declared}, but its blocks received "
+                           f"{routed['tokens_per_block']}; fix its tokens_per_block")
     return {
-        "backbone": backbone, "size": size, "params": sum(p.numel() for p in bb.parameters()),
-        "tokens": bb.num_tokens, "routes": ";".join(map(str, net.routes)) or "none", "selection": net.selection,
-        "tokens_per_block": _tokens_summary(routed["tokens_per_block"]),
+        "params": sum(p.numel() for p in net.backbone.parameters()),
+        "tokens": net.backbone.num_tokens, "routes": net.describe(), "selection": net.selection,
+        "tokens_per_block": _tokens_summary(declared),
         "gflops_fwd": full["fvcore_macs"] / 1e9, "gflops_fwd_routed": routed["fvcore_macs"] / 1e9,
         "gflops_fwd_torch": full["torch_macs"] / 1e9, "gflops_fwd_routed_torch": routed["torch_macs"] / 1e9,
         "gflops_train": training_macs(net, *data, forward=routed)["train_macs"] / 1e9,
@@ -363,6 +356,19 @@ def flops_table_row(backbone: str, size: str, routes: Sequence = (), selection: 
         "scan_gflops": full["scan_macs"] / 1e9,
         "convention": CONVENTION,
     }
+
+
+def flops_table_row(backbone: str, size: str, routes=None, selection=None, input_size: int = 32,
+                    in_channels: int = 4, num_classes: int = 1000, kind: str = "tread", **method_args) -> dict:
+    """:func:`flops_row` of registered ``backbone`` at ``size`` in method ``kind`` (built by
+    methods.build_network on the meta device); ``routes`` and ``selection`` are passed to it when given."""
+    from methods import build_network  # local: keeps `import measure.flops` light
+
+    given = {k: v for k, v in (("routes", routes), ("selection", selection)) if v is not None}
+    with torch.device("meta"):
+        net = build_network(backbone, size, (in_channels, input_size, input_size), num_classes, kind,
+                            **given, **method_args)
+    return {"backbone": backbone, "size": size, **flops_row(net, input_size, in_channels, num_classes)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

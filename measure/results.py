@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 import torch
 
-from diffusion.checkpoint import atomic_write, atomic_write_text
+from core.io import atomic_write, atomic_write_text
 
 
 def device_name(device: str | torch.device = "cpu") -> str:

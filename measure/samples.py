@@ -15,12 +15,14 @@ def grid_labels(num_classes: int, per_class: int, max_classes: int = 10) -> torc
 
 
 def sample_grid(denoiser, data_shape, num_classes: int, sampler, per_class: int, seed: int, device,
-                decode=None) -> tuple[torch.Tensor, int]:
-    """(images in [-1, 1], columns): ``per_class`` rows of up to 10 classes, fixed noise from ``seed``."""
+                decode=None, objective=None) -> tuple[torch.Tensor, int]:
+    """(images in [-1, 1], columns): ``per_class`` rows of up to 10 classes, fixed noise from ``seed``;
+    sampled by ``objective`` (default EDM)."""
     from .evaluate import generate_with_labels
 
     labels = grid_labels(num_classes, per_class)
-    images = generate_with_labels(denoiser, labels, data_shape, num_classes, sampler, seed, len(labels), device)
+    images = generate_with_labels(denoiser, labels, data_shape, num_classes, sampler, seed, len(labels), device,
+                                  objective=objective)
     if decode is not None:
         images = decode(images)
     return images, min(num_classes, 10)

@@ -2,7 +2,8 @@
 
 Protocol: every configuration gets its warm-up steps (not measured); then measured steps run
 interleaved, A B A B ..., so slow drift of the machine (thermal, other load) hits all
-configurations alike. One step = EDM loss forward + backward + AdamW update on a fixed batch.
+configurations alike. One step = the objective's loss (objectives/, the call the training loop makes)
+forward + backward + AdamW update on a fixed batch.
 Reported per configuration: mean, p50 and p90 step time, samples/s (batch / mean step time), peak
 memory (CUDA max allocated; on CPU the peak RSS of a separate process that runs two steps of that
 configuration alone, since RSS cannot be split between interleaved configurations in one process).
@@ -19,28 +20,38 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-from diffusion.edm import EDMConfig, edm_loss, sample_sigma
-from diffusion.train import build_denoiser
+from methods import build_network
+from objectives import build_objective
+
+
+def build_spec_network(spec: dict, seed: int = 0):
+    """``spec``'s method network, through methods.build_network (the one build function): backbone, size,
+    data_shape, num_classes, overrides, kind (default tread), method_args (TREAD: routes, selection; the
+    top-level ``routes``/``selection`` keys are accepted too)."""
+    args = {k: spec[k] for k in ("routes", "selection") if k in spec}
+    return build_network(spec["backbone"], spec["size"], spec["data_shape"], spec["num_classes"],
+                         spec.get("kind", "tread"), seed=seed, overrides=spec.get("overrides"),
+                         **args, **spec.get("method_args", {}))
 
 
 def make_train_step(spec: dict, device: str, precision: str, seed: int = 0) -> Callable[[], None]:
-    """A closure that runs one training step of ``spec`` (backbone, size, routes, selection, batch, shape)."""
+    """A closure that runs one training step of ``spec`` (the network keys of :func:`build_spec_network`,
+    batch, and ``objective``: {name: edm|flow, ...}, default edm): the objective's loss, as training runs it."""
     torch.manual_seed(seed)
-    den = build_denoiser(spec["backbone"], spec["size"], spec["data_shape"], spec["num_classes"],
-                         spec.get("routes", ()), spec.get("selection", "auto"), seed=seed,
-                         **spec.get("overrides", {})).to(device).train()
+    objective = build_objective(**spec.get("objective", {"name": "edm"}))
+    den = objective.wrap(build_spec_network(spec, seed)).to(device).train()
     opt = torch.optim.AdamW(den.parameters(), lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     b = spec["batch"]
     x = torch.randn(b, *spec["data_shape"], generator=g).to(device)
     y = torch.randint(spec["num_classes"], (b,), generator=g).to(device)
-    sigma, noise = sample_sigma(b, EDMConfig(), g).to(device), torch.randn(b, *spec["data_shape"], generator=g).to(device)
+    draws = {k: v.to(device) for k, v in objective.draw(b, spec["data_shape"], g).items()}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device_type = torch.device(device).type
 
     def step():
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = edm_loss(den, x, y, sigma, noise).mean()
+            loss = objective.loss(den, x, y, draws).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -107,7 +118,6 @@ def forward_macs(spec: dict) -> float:
     from measure.flops import count_forward_macs
 
     with torch.device("meta"):
-        den = build_denoiser(spec["backbone"], spec["size"], spec["data_shape"], spec["num_classes"],
-                             spec.get("routes", ()), spec.get("selection", "auto"), **spec.get("overrides", {}))
+        net = build_spec_network(spec)
     c, h, _ = spec["data_shape"]
-    return count_forward_macs(den.net, h, c, spec["num_classes"], routed=bool(spec.get("routes")))["torch_macs"]
+    return count_forward_macs(net, h, c, spec["num_classes"], routed=True)["torch_macs"]

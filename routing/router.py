@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from backbones.protocol import BlockStack, full_positions
-from backbones.registry import ConfigError
+from core.errors import ConfigError
 
 from .routes import Route, parse_routes, validate_routes
 from .selection import SELECTIONS, select
@@ -59,6 +59,11 @@ class RoutedNetwork(nn.Module):
         # Data-parallel shard (rank, world): selection noise is drawn for the global batch and
         # sliced, so a run's routing does not depend on how many processes share it.
         self.shard = (0, 1)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The backbone's blocks (where FLOP counting hooks in)."""
+        return self.backbone.blocks
 
     def extra_repr(self) -> str:
         return f"routes=[{', '.join(map(str, self.routes))}], selection={self.selection}"

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from backbones.registry import ConfigError
+from core.errors import ConfigError
 
 SELECTIONS = ("random", "rows")
 

@@ -1,8 +1,8 @@
 """The guidance kind: one TREAD model sampled unguided, with classifier-free guidance and with
 selection-rate guidance at equal sampler steps; FID and sampling cost per image for each mode.
 
-Sampling cost per image = network evaluations (Heun: 2 * steps - 1) x MACs of the passes per
-evaluation: one full pass (unguided), two full passes (CFG), or one routed pass at g1 plus one at g2
+Sampling cost per image = network evaluations (the objective's sampler: EDM Heun 2 * steps - 1, flow Heun
+2 * steps, flow Euler steps) x MACs of the passes per evaluation: one full pass (unguided), two full passes (CFG), or one routed pass at g1 plus one at g2
 (selection-rate guidance), each counted by measure/flops.py with routing forced at that rate.
 """
 from __future__ import annotations
@@ -13,10 +13,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpoint import atomic_write_text
+from core.io import atomic_write_text
 from measure.results import environment
+from objectives import build_objective
 
 from .measure import write_table
+from .resume import prepare_run_dir
 from .spec import config_hash, expand_runs, pick_device, validate_run
 from .train import fid_reference, train_one
 
@@ -43,12 +45,13 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
     train_suite = OmegaConf.merge(suite, {"eval": {"samples": 0, "every": 0}})
     snapshot = {"suite": OmegaConf.to_container(train_suite, resolve=True), "run": asdict(run)}
     run_dir = Path(cfg.runs_dir) / suite.name / cfg.scale.name / run.run_id
-    if cfg.force:
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    # resume only a checkpoint of this configuration (as the train kind does)
+    prepare_run_dir(run_dir, config_hash(snapshot), cfg.force, ("checkpoint.pt", "stats.jsonl", "guidance.json"))
     summary, trainer = train_one(run, train_suite, data, run_dir, device, snapshot)
     den = trainer.ema_denoiser
+    objective = build_objective(**run.objective)
     steps = int(base_eval["sampler_steps"])
-    nfe = 2 * steps - 1
+    nfe = objective.nfe(steps)
     full = pass_macs(den.net, data.shape, data.num_classes)
     rows = []
     for mode, spec in suite.sampling.items():
@@ -60,7 +63,7 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
             per_eval += 0 if g1 == g2 else pass_macs(den.net, data.shape, data.num_classes, g2)
         else:
             per_eval = full * (2 if ev.cfg_scale != 1.0 else 1)
-        metrics = FIDEvaluator(ev, *reference, data.num_classes)(den, data.shape, device)
+        metrics = FIDEvaluator(ev, *reference, data.num_classes, objective)(den, data.shape, device)
         row = {"suite": suite.name, "scale": cfg.scale.name, "backbone": run.backbone, "size": run.size,
                "routes": run.routes_str(), "train_steps": summary["steps"], "mode": mode,
                "nfe": nfe, "sampling_gflops_per_image": nfe * per_eval / 1e9,

@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from backbones.registry import ConfigError
+from core.errors import ConfigError
 
 FIX = ("put the folder that contains it on PYTHONPATH, run from that folder, or install its package "
        "(pip install -e <its folder>); install this project with `pip install --no-build-isolation -e .` "

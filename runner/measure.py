@@ -6,22 +6,26 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpoint import atomic_write_text
+from core.io import atomic_write_text
 from measure.results import environment, upsert_csv, write_markdown
 
-from .spec import expand_runs, pick_device, validate_run
+from .spec import build_run_network, expand_runs, pick_device, validate_run
 
 
 def run_flops_suite(cfg: DictConfig, suite: DictConfig) -> int:
     """results/<suite>.csv: forward/training GFLOPs (DiT convention) unrouted and routed, both counters."""
-    from measure.flops import flops_table_row
+    import torch
+
+    from measure.flops import flops_row
 
     d = suite.data
     published = dict(suite.get("published") or {})
     rows = []
     for run in expand_runs(suite, cfg.scale):
-        row = flops_table_row(run.backbone, run.size, run.routes, run.selection, input_size=d.resolution,
-                              in_channels=d.channels, num_classes=d.num_classes)
+        with torch.device("meta"):
+            net = build_run_network(run, (d.channels, d.resolution, d.resolution), d.num_classes)
+        row = {"backbone": run.backbone, "size": run.size,
+               **flops_row(net, input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes)}
         ref = published.get(f"{run.backbone}-{run.size}")
         row.update(suite=suite.name, scale=cfg.scale.name, method=run.method, published_gflops=ref,
                    published_rel_err=(row["gflops_fwd"] - ref) / ref if ref else None)
@@ -48,8 +52,8 @@ def run_throughput_suite(cfg: DictConfig, suite: DictConfig) -> int:
     rows = []
     for backbone, size in dict.fromkeys((r.backbone, r.size) for r in runs):
         group = {r.method: r for r in runs if (r.backbone, r.size) == (backbone, size)}
-        specs = {m: dict(backbone=backbone, size=size, routes=r.routes, selection=r.selection, data_shape=shape,
-                         num_classes=d.num_classes, batch=suite.batch, overrides=r.overrides)
+        specs = {m: dict(backbone=backbone, size=size, kind=r.kind, method_args=r.method_args(), data_shape=shape,
+                         num_classes=d.num_classes, batch=suite.batch, overrides=r.overrides, objective=r.objective)
                  for m, r in group.items()}
         steps = {m: make_train_step(spec, device, precision) for m, spec in specs.items()}
         timing = measure_interleaved(steps, suite.warmup, suite.rounds, device)

@@ -9,7 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from backbones import list_backbones
-from backbones.registry import ConfigError
+from core.errors import ConfigError
+from routing.routes import route_dict
 
 
 def pick_device(requested: str) -> str:
@@ -61,21 +62,34 @@ class RunSpec:
     selection: str
     overrides: dict = field(default_factory=dict)
     seed: int = 0
+    kind: str = "tread"                     # the method's kind (methods/ registry)
+    args: dict = field(default_factory=dict)  # the method's other arguments (all keys of its entry but kind,
+                                              # backbones, and for TREAD routes/selection, which have fields)
+    objective: dict = field(default_factory=lambda: dict(DEFAULT_OBJECTIVE))  # {name, ...} (objectives/)
 
     @property
     def run_id(self) -> str:
-        """The configuration (backbone, size, method); seeds of one configuration share it."""
-        return f"{self.backbone}-{self.size.replace('/', '')}-{self.method}"
+        """The configuration (backbone, size, method; the objective unless EDM); seeds of one configuration
+        share it. Runs of different objectives never share a folder or a table row."""
+        name = self.objective.get("name", "edm")
+        return f"{self.backbone}-{self.size.replace('/', '')}-{self.method}" + ("" if name == "edm" else f"-{name}")
+
+    def method_args(self) -> dict:
+        """Keyword arguments of the run's method (methods.build_network)."""
+        if self.kind == "tread":
+            return {"routes": self.routes, "selection": self.selection, **self.args}
+        return dict(self.args)
 
     @property
     def dir_name(self) -> str:
         return f"{self.run_id}-seed{self.seed}"
 
     def routes_str(self) -> str:
-        """Resolved routes (negative ends counted from the top) once validate_run has run."""
-        resolved = getattr(self, "resolved_routes", None)
-        if resolved is not None:
-            return " ".join(map(str, resolved)) or "none"
+        """The method's description (resolved routes, negative ends counted from the top) once validate_run
+        has run."""
+        description = getattr(self, "description", None)
+        if description is not None:
+            return description
         return " ".join(f"r({r['start']}->{r['end']})@{r['rate']:g}" for r in self.routes) or "none"
 
 
@@ -93,9 +107,12 @@ def suite_seeds(suite: DictConfig) -> list[int]:
 def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:
     """Backbone x seed x method, in that order (the runs of one backbone and seed finish close together).
 
-    A method may name the backbones it applies to (``backbones: [dit]``), e.g. a sweep run on one backbone
-    only. Entries that collapse to the same backbone and size under a scale (every size -> "tiny") run once.
+    A method entry names its ``kind`` (methods/ registry; default tread) and its arguments; TREAD's are
+    ``routes`` and ``selection``. It may name the backbones it applies to (``backbones: [dit]``), e.g. a sweep
+    run on one backbone only. Entries that collapse to the same backbone and size under a scale (every size ->
+    "tiny") run once. Every run gets the suite's objective (``objective=<name>`` on the command line).
     """
+    objective = _plain(suite.get("objective") or DEFAULT_OBJECTIVE)
     runs, seen = [], set()
     for entry in suite.backbones:
         size = scale.size or entry.size
@@ -106,29 +123,61 @@ def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:
                 only = spec.get("backbones")
                 if only is not None and entry.name not in only:
                     continue
-                routes = [dict(r) for r in (spec.get("routes") or [])]
-                run = RunSpec(suite.name, scale.name, entry.name, size, method, routes,
-                              spec.get("selection", entry.get("selection", suite.get("selection", "auto"))),
-                              dict(entry.get("overrides") or {}), seed)
+                kind = spec.get("kind", "tread")
+                # a route in the paper's notation ("2->8@0.5") becomes a mapping; mappings stay as written
+                routes = [route_dict(r) if isinstance(r, str) else dict(r) for r in (spec.get("routes") or [])]
+                selection = spec.get("selection", entry.get("selection", suite.get("selection", "auto")))
+                args = {k: v for k, v in _plain(spec).items() if k not in ("kind", "backbones", "routes", "selection")}
+                if kind != "tread":  # other kinds get exactly their entry's arguments
+                    args.update({k: spec[k] for k in ("routes", "selection") if k in spec})
+                    routes, selection = [], "none"
+                run = RunSpec(suite.name, scale.name, entry.name, size, method, routes, selection,
+                              dict(entry.get("overrides") or {}), seed, kind, args, objective)
                 if (run.run_id, seed) not in seen:
                     seen.add((run.run_id, seed))
                     runs.append(run)
     return runs
 
 
+def build_run_network(run: RunSpec, data_shape, num_classes: int, seed: int = 0, fp32_after_route: bool = True):
+    """The run's method network, by methods.build_network (the one build function; validation, training, FLOP
+    counting and throughput all come through here). The run's objective wraps it for training."""
+    from methods import build_network
+
+    return build_network(run.backbone, run.size, data_shape, num_classes, run.kind, seed=seed,
+                         fp32_after_route=fp32_after_route, overrides=run.overrides, **run.method_args())
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
 def validate_run(run: RunSpec, data_shape, num_classes: int):
-    """Build the run's network on the meta device: checks backbone, size, shape and routes for free."""
-    from diffusion.train import build_denoiser
+    """Build the run's model on the meta device: checks backbone, size, shape, method and objective for free.
+    Returns ``objective.wrap(network)`` (its ``.net`` is the method network)."""
+    from objectives import build_objective
 
     if run.backbone not in list_backbones():
         raise ConfigError(f"unknown backbone '{run.backbone}' in suite {run.suite}; "
                           f"registered: {', '.join(list_backbones())}")
+    objective = build_objective(**run.objective)
     with torch.device("meta"):
-        den = build_denoiser(run.backbone, run.size, data_shape, num_classes, run.routes, run.selection,
-                             **run.overrides)
-    run.resolved_routes = den.net.routes  # not a dataclass field: stays out of asdict() and the config hash
-    return den
+        model = objective.wrap(build_run_network(run, data_shape, num_classes))
+    run.description = model.net.describe()  # not a dataclass field: stays out of asdict() and the config hash
+    return model
+
+
+DEFAULT_OBJECTIVE = {"name": "edm"}
+# Run keys added after runs were first hashed, at their default values: left out of the hash, so runs
+# configured before methods and objectives were plug-ins keep their hash (and resume their checkpoints).
+_HASH_DEFAULTS = {"kind": "tread", "args": {}, "objective": DEFAULT_OBJECTIVE}
 
 
 def config_hash(obj) -> str:
+    if isinstance(obj, dict) and ("run" in obj or "suite" in obj):
+        obj = dict(obj)
+        if isinstance(obj.get("run"), dict):
+            obj["run"] = {k: v for k, v in obj["run"].items() if _HASH_DEFAULTS.get(k, object()) != v}
+        if isinstance(obj.get("suite"), dict) and obj["suite"].get("objective") == DEFAULT_OBJECTIVE:
+            obj["suite"] = {k: v for k, v in obj["suite"].items() if k != "objective"}
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -13,22 +14,24 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from backbones.registry import ConfigError
-from diffusion.checkpoint import atomic_write_text
+from core.errors import ConfigError
+from core.io import atomic_write_text
 from measure.results import environment, upsert_csv
 
-from .spec import RunSpec, config_hash, expand_runs, pick_device, validate_run
+from .resume import prepare_run_dir
+from .spec import RunSpec, build_run_network, config_hash, expand_runs, pick_device, validate_run
 
-RUN_KEY = ["suite", "scale", "run_id", "seed", "step"]
+# A run's rows (one per evaluation) are replaced together: a rerun never leaves rows of an earlier attempt.
+RUN_KEY = ["suite", "scale", "run_id", "seed"]
 
 
 def train_macs_per_image(run: RunSpec, data_shape, num_classes: int) -> float:
-    """Training MACs per image (forward + backward, DiT convention) of the run's routed network."""
-    from measure.flops import flops_table_row
+    """Training MACs per image (forward + backward, DiT convention) of the run's network as it trains."""
+    from measure.flops import flops_row
 
-    row = flops_table_row(run.backbone, run.size, run.routes, run.selection, input_size=data_shape[1],
-                          in_channels=data_shape[0], num_classes=num_classes)
-    return row["gflops_train"] * 1e9
+    with torch.device("meta"):
+        net = build_run_network(run, data_shape, num_classes)
+    return flops_row(net, data_shape[1], data_shape[0], num_classes)["gflops_train"] * 1e9
 
 def fid_reference(suite: DictConfig, eval_cfg):
     """(reference, name): an npz of statistics, or the images of the suite's reference split."""
@@ -46,7 +49,7 @@ def fid_reference(suite: DictConfig, eval_cfg):
     return ref.images, f"{ref.name}-{len(ref)}"
 
 
-def held_out_loss(suite: DictConfig, eval_cfg, data):
+def held_out_loss(suite: DictConfig, eval_cfg, data, objective=None):
     """The fixed held-out evaluation loss of measure/eval_loss.py, or None when turned off."""
     from data import load_dataset
     from measure.eval_loss import EvalLossConfig, HeldOutLoss
@@ -66,7 +69,7 @@ def held_out_loss(suite: DictConfig, eval_cfg, data):
         raise ConfigError(f"held-out images have shape {held.shape}, training data {data.shape}; fix suite.eval.loss_*")
     cfg = EvalLossConfig(images=eval_cfg.loss_images, levels=eval_cfg.loss_levels, seed=eval_cfg.loss_seed,
                          batch=eval_cfg.loss_batch, split=eval_cfg.loss_split)
-    return HeldOutLoss(held.images, held.labels, cfg)
+    return HeldOutLoss(held.images, held.labels, cfg, objective)
 
 
 def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict):
@@ -77,20 +80,23 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     FID (at every point, or only the final one with eval.fid_at=final).
     """
     from diffusion.sampler import SamplerConfig
-    from diffusion.train import Trainer, TrainConfig, build_denoiser
+    from diffusion.train import Trainer, TrainConfig
     from measure.evaluate import EvalConfig, FIDEvaluator, decode_latents
     from measure.samples import sample_grid, save_grid
+    from objectives import build_objective
 
     train_cfg = TrainConfig(**OmegaConf.to_container(suite.train), seed=run.seed)
     eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
     torch.manual_seed(train_cfg.seed)
-    den = build_denoiser(run.backbone, run.size, data.shape, data.num_classes, run.routes, run.selection,
-                         fp32_after_route=train_cfg.fp32_after_route, seed=train_cfg.seed + 1, **run.overrides)
-    trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot)
+    objective = build_objective(**run.objective)
+    den = objective.wrap(build_run_network(run, data.shape, data.num_classes, seed=train_cfg.seed + 1,
+                                           fp32_after_route=train_cfg.fp32_after_route))
+    trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot, objective=objective)
     resumed = trainer.try_resume()
     macs_per_image = train_macs_per_image(run, data.shape, data.num_classes)
-    fid = FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes) if eval_cfg.samples > 0 else None
-    loss = held_out_loss(suite, eval_cfg, data)
+    fid = (FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes, objective)
+           if eval_cfg.samples > 0 else None)
+    loss = held_out_loss(suite, eval_cfg, data, objective)
     grid_sampler = SamplerConfig(steps=eval_cfg.sampler_steps)
     decode = (lambda z: decode_latents(z, eval_cfg.vae, eval_cfg.latent_scaling, eval_cfg.vae_batch, device)
               ) if eval_cfg.vae else None
@@ -104,7 +110,8 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
             row.update(loss(tr.ema_denoiser, tr.acc.device))
         if eval_cfg.grid_per_class > 0 and tr.acc.is_main_process:
             images, cols = sample_grid(tr.ema_denoiser, data.shape, data.num_classes, grid_sampler,
-                                       eval_cfg.grid_per_class, eval_cfg.grid_seed, tr.acc.device, decode)
+                                       eval_cfg.grid_per_class, eval_cfg.grid_seed, tr.acc.device, decode,
+                                       objective)
             path = save_grid(images, cols, run_dir / "samples" / f"step{tr.step:07d}.png")
             row["grid"] = str(path)
         if fid is not None and (final or eval_cfg.fid_at == "every"):
@@ -156,6 +163,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
 
     from accelerate import PartialState
 
+    started = time.perf_counter()
     state = PartialState()
     main_process = state.is_main_process  # under `accelerate launch`, only rank 0 writes files
     runs = expand_runs(suite, cfg.scale)
@@ -185,14 +193,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
                 rows.extend({**row, "routes": run.routes_str()} for row in done)  # resolved route notation
                 continue
-        hash_file = run_dir / "config_hash"
-        resumable = (run_dir / "checkpoint.pt").exists() and hash_file.exists() and hash_file.read_text() == digest
-        if main_process and run_dir.exists() and (cfg.force or not resumable):
-            # never resume a checkpoint written under another configuration
-            for stale in ("checkpoint.pt", "stats.jsonl", "result.json"):
-                (run_dir / stale).unlink(missing_ok=True)
-        if main_process:
-            atomic_write_text(hash_file, digest)
+        prepare_run_dir(run_dir, digest, cfg.force, write=main_process)  # never resume another configuration
         base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
                 "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
                 "seed": run.seed, **environment(device), "config_hash": digest}
@@ -234,6 +235,8 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     if not main_process:
         return 1 if failures else 0
     write_train_tables(cfg, suite, rows, results_dir)
+    print(f"suite wall time this sitting: {time.perf_counter() - started:.0f} s "
+          f"({len(pending)} runs trained or resumed, {len(runs) - len(pending)} finished earlier)")
     if failures:
         print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
         return 1
@@ -246,9 +249,13 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
     from measure.speedup import plot_curves, sample_figures, speedup_markdown, speedup_table
 
     results_file = suite.get("results_file") or f"{suite.name}_runs.csv"
+    # a run that failed before an evaluation has no step: an empty one completes its key (a rerun replaces the row)
+    rows = [r if "step" in r else {**r, "step": float("nan")} for r in rows]
     table = upsert_csv(results_dir / results_file, rows, RUN_KEY)
     print(f"wrote {results_dir / results_file} ({len(rows)} rows of {len(table)})")
     ok = table[(table.suite == suite.name) & (table.scale == cfg.scale.name) & (table.status == "ok")]
+    if ok.empty or ok.step.isna().all():  # every run failed: the runs table only
+        return
     if ok.method.nunique() > 1:
         stem = results_dir / f"{suite.name}_speedup"
         speed = speedup_table(ok)

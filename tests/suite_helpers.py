@@ -17,6 +17,8 @@ def compose_suite(overrides):
 
 
 def run(overrides):
+    """What run_suite.py does, in-process: ConfigErrors are raised (run_suite prints them and exits 2)."""
     cfg = compose_suite(overrides)
+    runner.validate_suite(cfg)
     suite = runner.resolve_suite(cfg)
     return runner.SUITE_KINDS[suite.get("kind", "train")](cfg, suite)

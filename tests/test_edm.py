@@ -29,7 +29,7 @@ def test_sigma_schedule_endpoints_and_rho_formula():
     t = sigma_steps(cfg)
     assert len(t) == 41 and t[-1] == 0
     assert t[0].item() == pytest.approx(80.0) and t[39].item() == pytest.approx(0.002)
-    i = 17  # the formula of tread.md section 2, evaluated literally
+    i = 17  # EDM's rho = 7 schedule (Karras et al. 2022, eq. 5), evaluated literally
     lit = (80 ** (1 / 7) + i / 39 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert t[i].item() == pytest.approx(lit, rel=1e-12)
 

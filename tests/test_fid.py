@@ -15,7 +15,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from backbones.registry import ConfigError
+from core.errors import ConfigError
 from measure import fid
 
 PIXEL = "test-pixel-pool"

@@ -133,7 +133,7 @@ def test_causal_depthwise_conv_matches_loop():
 
 @pytest.mark.parametrize("d_model", [64, 384])
 def test_mixer_parameters_are_mamba_ssm_layout(d_model):
-    # From platform.md / mamba_ssm.Mamba: D = 2 d_model, dt_rank = ceil(d_model/16), N = 16, W = 4,
+    # As mamba_ssm.Mamba: D = 2 d_model, dt_rank = ceil(d_model/16), N = 16, W = 4,
     # in_proj and out_proj without bias, conv1d and dt_proj with bias.
     inner, rank = 2 * d_model, math.ceil(d_model / 16)
     expected = {

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backbones.registry import ConfigError
-from diffusion.checkpoint import atomic_write_text
+from core.errors import ConfigError
+from core.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
