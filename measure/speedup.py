@@ -167,13 +167,16 @@ def plot_curves(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseline"
                     ax = axes[r][c]
                     style = "--" if method == baseline else "-"
                     n = curve.seed.nunique()
-                    line, = ax.plot(xs / unit, ms, style, marker="o", ms=3, label=f"{method} (n={n})")
-                    ax.fill_between(xs / unit, ms - hs, ms + hs, color=line.get_color(), alpha=0.2)
+                    if len(xs) == 1:  # one evaluation (e.g. FID at the final step only): a point with its interval
+                        ax.errorbar(xs / unit, ms, yerr=hs, fmt="o", capsize=4, label=f"{method} (n={n})")
+                    else:
+                        line, = ax.plot(xs / unit, ms, style, marker="o", ms=3, label=f"{method} (n={n})")
+                        ax.fill_between(xs / unit, ms - hs, ms + hs, color=line.get_color(), alpha=0.2)
                     ax.set_xlabel(label)
                     ax.set_ylabel(metric.replace("_", " "))
                     ax.grid(alpha=0.3)
             for ax in axes[r]:
-                if ax.lines:
+                if ax.lines or ax.containers:
                     ax.legend(fontsize=8)
         if "eval_loss" in metrics:
             for ax in axes[0]:  # the interesting part is the slow phase, not the first evaluation

@@ -136,7 +136,7 @@ def _train_and_record(run: RunSpec, suite: DictConfig, data, run_dir: Path, devi
     except Exception as err:  # one failed run must not stop the suite or touch other runs' files
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         print(f"[{run.dir_name}] FAILED: {reason}", file=sys.stderr)
-        if type(err).__name__ != "TrainingDiverged":
+        if type(err).__name__ not in ("TrainingDiverged", "CheckpointError"):  # these explain themselves in one line
             traceback.print_exc(file=sys.stderr)
         return [{**base, "status": "failed", "error": reason}], False
 
@@ -181,7 +181,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     if main_process:
         results_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_dir / f"{suite.name}_{cfg.scale.name}_config.yaml", OmegaConf.to_yaml(suite))
-    rows, failures, pending = [], [], []
+    rows, failures, pending, finished = [], [], [], 0
     for run in runs:
         run_dir = runs_root / run.dir_name
         snapshot = {"suite": resolved, "run": asdict(run)}
@@ -192,7 +192,11 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
             if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
                 print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
                 rows.extend({**row, "routes": run.routes_str()} for row in done)  # resolved route notation
+                finished += 1
                 continue
+        if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
+            print(f"[{run.dir_name}] not finished, left out of the report")
+            continue
         prepare_run_dir(run_dir, digest, cfg.force, write=main_process)  # never resume another configuration
         base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
                 "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
@@ -236,7 +240,8 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         return 1 if failures else 0
     write_train_tables(cfg, suite, rows, results_dir)
     print(f"suite wall time this sitting: {time.perf_counter() - started:.0f} s "
-          f"({len(pending)} runs trained or resumed, {len(runs) - len(pending)} finished earlier)")
+          f"({len(pending)} runs trained or resumed, {finished} finished earlier, "
+          f"{len(runs) - len(pending) - finished} left out)")
     if failures:
         print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
         return 1
