@@ -254,6 +254,9 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
     from measure.speedup import plot_curves, sample_figures, speedup_markdown, speedup_table
 
     results_file = suite.get("results_file") or f"{suite.name}_runs.csv"
+    if not rows:
+        print("no finished runs to write")
+        return
     # a run that failed before an evaluation has no step: an empty one completes its key (a rerun replaces the row)
     rows = [r if "step" in r else {**r, "step": float("nan")} for r in rows]
     table = upsert_csv(results_dir / results_file, rows, RUN_KEY)

@@ -32,3 +32,17 @@ def test_bad_route_is_refused_before_training(tmp_path):
         run(["suite=smoke", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
              "suite.methods.tread.routes=[{start:1,end:9,rate:0.5}]"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_writes_tables_from_finished_runs_and_trains_nothing(tmp_path, capsys):
+    args = ["suite=smoke", "scale=tiny", f"runs_dir={tmp_path}/runs", "suite.train.steps=4", "suite.data.limit=64"]
+    assert run(args + [f"results_dir={tmp_path}/empty", "report=true"]) == 0  # nothing finished yet
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "empty" / "smoke.csv").exists()
+    assert run(args + [f"results_dir={tmp_path}/trained", "only=baseline"]) == 0
+    assert run(args + [f"results_dir={tmp_path}/report", "report=true"]) == 0
+    out = capsys.readouterr().out
+    assert "dit-tiny-tread-seed0] not finished, left out of the report" in out
+    assert not (tmp_path / "runs" / "smoke" / "tiny" / "dit-tiny-tread-seed0").exists()  # nothing of it touched
+    trained = pd.read_csv(tmp_path / "trained" / "smoke.csv")
+    reported = pd.read_csv(tmp_path / "report" / "smoke.csv")
+    pd.testing.assert_frame_equal(trained, reported)
