@@ -1,4 +1,5 @@
-"""Run a benchmark suite: ``python run_suite.py suite=<name> [scale=tiny] [force=true] [imports=[my_pkg.mod]]``.
+"""Run a benchmark suite: ``python run_suite.py suite=<name> [scale=tiny] [force=true] [imports=[my_pkg.mod]]``;
+``plan=true`` prints what a training suite would cost (FLOPs, GPU-hours, memory per GPU) and trains nothing.
 
 A suite (suites/suite/*.yaml) is configuration only: data, schedule, the backbones and the methods
 (route sets) to cross. runner/ checks it against its schema (runner/schema.py), expands it into runs,
@@ -16,7 +17,7 @@ from hydra.utils import get_original_cwd
 from omegaconf import DictConfig
 
 from core.errors import ConfigError
-from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite, validate_suite
+from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite, run_plan, validate_suite
 
 
 @hydra.main(config_path="suites", config_name="config", version_base="1.3")
@@ -29,7 +30,10 @@ def main(cfg: DictConfig) -> None:
         cfg = apply_auto_scale(cfg, HydraConfig.get().overrides.task, hydra.compose)
         validate_suite(cfg, SUITE_KINDS)  # unknown keys, wrong types, impossible values: before anything is written
         suite = resolve_suite(cfg)
-        code = SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
+        if cfg.get("plan"):
+            code = run_plan(cfg, suite)  # costs only: no run folders, no training
+        else:
+            code = SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

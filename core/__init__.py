@@ -4,7 +4,7 @@
 and exits 2); ``core.io`` writes files atomically. Nothing here imports torch or another package of this
 project, so backbones, routing, data, diffusion, measure and runner can all depend on it.
 """
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .io import atomic_write, atomic_write_text
 
-__all__ = ["ConfigError", "atomic_write", "atomic_write_text"]
+__all__ = ["CheckpointError", "ConfigError", "atomic_write", "atomic_write_text"]

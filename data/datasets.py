@@ -1,4 +1,4 @@
-"""Dataset loaders. Each returns an :class:`ImageSet` held in memory (small sets) or memory-mapped (latents).
+"""Dataset loaders. Each returns an :class:`ImageSet` held in memory (small sets) or read out of core (latents).
 
 - ``synthetic``: procedural class-conditional images (tests; no files needed).
 - ``fashion_mnist``: real Fashion-MNIST from the Debian package's IDX files, padded 28 -> 32.
@@ -23,7 +23,10 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, C, H, W) float32
+    """``images`` is an (N, C, H, W) float32 tensor (small sets) or, for latents, a
+    :class:`data.latents.ShardedLatents` view that reads rows from disk when indexed (``images[idx]``,
+    ``images[a:b]``: float32 tensors); ``labels`` is always in memory."""
+    images: torch.Tensor  # (N, C, H, W) float32, or a ShardedLatents view
     labels: torch.Tensor  # (N,) int64
     num_classes: int
     name: str
@@ -34,6 +37,15 @@ class ImageSet:
 
     def __len__(self):
         return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.images, torch.Tensor)
+
+    def head(self, n: int) -> "ImageSet":
+        """The first ``n`` images (a view stays out of core)."""
+        images = self.images[:n] if self.in_memory else self.images.head(n)
+        return ImageSet(images, self.labels[:n], self.num_classes, self.name)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -106,7 +118,7 @@ def load_dataset(name: str, resolution: int = 32, split: str = "train", limit: i
         raise ConfigError(f"unknown dataset '{name}'; available: {', '.join(DATASETS)}")
     data = DATASETS[name](resolution=resolution, split=split, **kwargs)
     if limit:
-        data = ImageSet(data.images[:limit], data.labels[:limit], data.num_classes, data.name)
+        data = data.head(limit)
     return data
 
 

@@ -5,9 +5,11 @@
 
 Images are center-cropped as in ADM (downsample with BOX while the short side is >= 2x the target,
 BICUBIC to the target, then crop the center), encoded with diffusers' AutoencoderKL, and a sample of
-the posterior (seeded per shard, so reruns are identical) times the scaling factor is stored as float16.
-Resumable: a shard whose file exists is skipped; meta.json (see data/latents.py) is rewritten
-atomically after every shard, so a killed run loses at most the shard it was writing.
+the posterior (seeded per shard, so reruns are identical) times the scaling factor is stored as float16,
+one ``latents_XXXXX.npy`` + ``labels_XXXXX.npy`` pair per shard (read out of core by data/latents.py).
+Resumable: a shard whose files exist is skipped (labels are written first, latents last, each atomically;
+a ``shard_XXXXX.npz`` of an earlier version of this encoder counts as done); meta.json (see data/latents.py)
+is rewritten atomically after every shard, so a killed run loses at most the shard it was writing.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from core.errors import ConfigError
 from core.io import atomic_write, atomic_write_text
 
-from .latents import SD_VAE_SCALING
+from .latents import SD_VAE_SCALING, labels_name, save_npy
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG"}
 
@@ -67,7 +69,9 @@ def encode_folder(images: str, out: str, vae="stabilityai/sd-vae-ft-ema", resolu
             "vae": vae if isinstance(vae, str) else type(vae).__name__, "shards": [], "count": len(items)}
     num_shards = (len(items) + shard_size - 1) // shard_size
     for s in tqdm(range(num_shards), desc="shards"):
-        name = f"shard_{s:05d}.npz"
+        name = f"latents_{s:05d}.npy"
+        if (out_dir / f"shard_{s:05d}.npz").exists():  # written by the npz version of this encoder
+            name = f"shard_{s:05d}.npz"
         chunk = items[s * shard_size:(s + 1) * shard_size]
         if not (out_dir / name).exists():
             g = torch.Generator(device).manual_seed(s)
@@ -80,8 +84,9 @@ def encode_folder(images: str, out: str, vae="stabilityai/sd-vae-ft-ema", resolu
                 z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g, device=device)
                 lat.append((z * scaling).half().cpu().numpy())
                 lab.extend(k for _, k in part)
-            arrays = {"latents": np.concatenate(lat), "labels": np.asarray(lab, np.int64)}
-            atomic_write(out_dir / name, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+            latents, labels = np.concatenate(lat), np.asarray(lab, np.int64)
+            atomic_write(out_dir / labels_name(name), lambda tmp: save_npy(tmp, labels))
+            atomic_write(out_dir / name, lambda tmp: save_npy(tmp, latents))  # last: its presence marks the shard done
         meta["shards"].append(name)
         atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1))
     return meta

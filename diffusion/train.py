@@ -5,16 +5,26 @@ Reproducibility across process counts: every random draw of a step (image indice
 noise levels, noise, token selection) is made for the GLOBAL batch from CPU generators and each
 process takes its slice. One process and N processes therefore see the same batch and the same
 routing; only float reduction order differs.
+
+Out-of-core data (latents, data/latents.py): the images of a step are read by DataLoader workers
+(``loader_workers``; pinned memory on CUDA) while the model trains on the previous steps. The draws are
+still made in the training process, in step order, from the same generator: the DataLoader's batch sampler
+makes each step's draws when the loader asks for that step's indices (a few steps ahead) and queues them;
+a step takes its images and its queued draws together. A checkpoint stores the generator state from before
+the oldest draws not yet trained on, so a resumed run draws exactly what the uninterrupted one did.
 """
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -24,7 +34,7 @@ from backbones.protocol import weight_decay_groups
 from core.errors import ConfigError
 from core.io import atomic_write_text
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, plain_json, save_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,6 +61,8 @@ class TrainConfig:
     compile_blocks: bool = False     # torch.compile each block (fuses the element-wise ops around it, as the
                                      # official code does); one graph per token count a block sees
     fault_nan_at_step: Optional[int] = None  # fault injection for tests: the loss turns NaN at this step
+    loader_workers: int = 2          # DataLoader processes reading out-of-core latents (0: read in the training
+                                     # process); in-memory sets are indexed directly. Results do not depend on it.
     seed: int = 0
 
 
@@ -106,37 +118,43 @@ class Trainer:
         self.stats: list[dict] = []
         self.evals: list[dict] = []  # rows appended by the evaluation callback; saved with the checkpoint
         self.window: list[float] = []  # losses since the last log line (saved: resume logs the same values)
+        self._loader = None             # iterator over batches read by DataLoader workers (out-of-core data)
+        self._queued: deque = deque()   # (generator state before, draws) of steps the loader asked for
+        self.tracker = None  # live tracking (runner/tracking.py): an object with log(values, step), or None
 
     # -- state -------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
+        """The checkpoint folder (diffusion/checkpoint.py: model/ema safetensors, state.pt, manifest)."""
+        return self.run_dir / CHECKPOINT_DIR
 
     def state_dict(self) -> dict:
+        """Everything but the weights, as plain types (torch.load(weights_only=True) reads it back)."""
+        # draws the loader made ahead of training are made again after a resume: save the state before them
+        data_state = self._queued[0][0] if self._queued else self.data_gen.get_state()
         return {
-            "model": self.acc.unwrap_model(self.model).state_dict(),
-            "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "step": self.step, "images_seen": self.images_seen, "elapsed": self.elapsed,
-            "rng": {"data": self.data_gen.get_state(), "routing": self.raw.net.rng_state(),
-                    "torch": torch.get_rng_state()},
-            "stats": self.stats, "evals": self.evals, "window": self.window,
-            "config": self.config_snapshot,
+            "step": self.step, "images_seen": self.images_seen, "elapsed": float(self.elapsed),
+            "rng": {"data": data_state, "routing": self.raw.net.rng_state(), "torch": torch.get_rng_state()},
+            "stats": plain_json(self.stats), "evals": plain_json(self.evals), "window": plain_json(self.window),
+            "config": json.dumps(self.config_snapshot, sort_keys=True, default=str),
         }
 
     def save(self) -> None:
         if self.acc.is_main_process:
-            save_checkpoint(self.checkpoint_path, self.state_dict())
+            save_checkpoint(self.checkpoint_path, self.acc.unwrap_model(self.model), self.ema, self.state_dict())
         self.acc.wait_for_everyone()
 
     def try_resume(self) -> bool:
-        if not self.checkpoint_path.exists():
+        """Resume from the run folder's checkpoint if there is one. A checkpoint that cannot be read raises
+        core.errors.CheckpointError (one line: the file and the fix)."""
+        path = find_checkpoint(self.run_dir)
+        if path is None:
             return False
-        state = load_checkpoint(self.checkpoint_path)
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        state = load_checkpoint(path, self.acc.unwrap_model(self.model), self.ema)
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.images_seen, self.elapsed = state["step"], state["images_seen"], state["elapsed"]
+        self._close_loader()
         self.data_gen.set_state(state["rng"]["data"])
         self.raw.net.set_rng_state(state["rng"]["routing"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -146,17 +164,59 @@ class Trainer:
         return True
 
     # -- one step ----------------------------------------------------------------------------
-    def _draw_batch(self):
-        """Global-batch draws from the data generator, sliced to this process."""
+    def _draw(self):
+        """One step's global-batch draws from the data generator: (this process's image indices, labels,
+        objective draws), the labels and draws already sliced to this process."""
         n, gb, cfg = len(self.data), self.cfg.global_batch, self.cfg
         idx = torch.randint(n, (gb,), generator=self.data_gen)
         drop = torch.rand(gb, generator=self.data_gen) < cfg.label_dropout
         draws = self.objective.draw(gb, self.data.shape, self.data_gen)  # e.g. noise levels and noise
         lo, hi = self.acc.process_index * self.local_batch, (self.acc.process_index + 1) * self.local_batch
-        x = self.data.images[idx[lo:hi]]
         y = torch.where(drop, self.data.num_classes, self.data.labels[idx])[lo:hi]
+        return idx[lo:hi], y, {k: v[lo:hi] for k, v in draws.items()}
+
+    def _draw_batch(self):
+        """Global-batch draws from the data generator, sliced to this process, and the images they pick."""
+        if isinstance(self.data.images, torch.Tensor) or self._workers() == 0:
+            idx, y, draws = self._draw()
+            x = self.data.images[idx]
+        else:
+            x = next(self._loader_iter())
+            _, (idx, y, draws) = self._queued.popleft()
         dev = self.acc.device
-        return x.to(dev), y.to(dev), {k: v[lo:hi].to(dev) for k, v in draws.items()}
+        return x.to(dev, non_blocking=True).float(), y.to(dev), {k: v.to(dev) for k, v in draws.items()}
+
+    def _workers(self) -> int:
+        if multiprocessing.current_process().daemon:
+            return 0  # a daemonic process (a pool worker) cannot start DataLoader workers
+        return max(0, int(self.cfg.loader_workers))
+
+    def _step_indices(self):
+        """The DataLoader's batch sampler (runs in this process, in step order): draws a step, queues its
+        draws with the generator state before them, hands the image indices to a worker."""
+        while True:
+            before = self.data_gen.get_state()
+            drawn = self._draw()
+            self._queued.append((before, drawn))
+            yield drawn[0].tolist()
+
+    def _loader_iter(self):
+        if self._loader is None:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(_Rows(self.data.images), batch_sampler=_Sampler(self._step_indices),
+                                num_workers=self._workers(), collate_fn=_first, prefetch_factor=2,
+                                pin_memory=self.acc.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+            self._loader = iter(loader)
+        return self._loader
+
+    def _close_loader(self) -> None:
+        """Stop the workers; draws queued for steps not trained are undone (the generator goes back)."""
+        if self._queued:
+            self.data_gen.set_state(self._queued[0][0])
+        self._queued.clear()
+        self._loader = None  # the iterator's workers stop when it is collected
 
     def train_step(self) -> float:
         x, y, draws = self._draw_batch()
@@ -183,9 +243,28 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self, on_eval: Optional[Callable[["Trainer"], None]] = None, eval_every: int = 0) -> dict:
         cfg = self.cfg
-        measured_time, measured_steps = 0.0, 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.run_dir.name, disable=not self.acc.is_main_process,
                    dynamic_ncols=True, leave=False)
+        try:
+            measured_steps, measured_time = self._train_loop(bar, on_eval, eval_every)
+        finally:
+            self._close_loader()
+        bar.close()
+        if on_eval and not any(e.get("step") == self.step for e in self.evals):
+            on_eval(self)  # the final evaluation, once, also after a resume
+        self.save()
+        tail = [s["loss"] for s in self.stats[-3:]]
+        return {
+            "steps": self.step, "images_seen": self.images_seen, "wall_time_s": self.elapsed,
+            "final_loss": sum(tail) / max(len(tail), 1),
+            "samples_per_s": (measured_steps * cfg.global_batch / measured_time) if measured_time else float("nan"),
+        }
+
+    def _train_loop(self, bar, on_eval, eval_every) -> tuple[int, float]:
+        """Train to cfg.steps; returns (steps, seconds) counted for samples/s (warm-up steps excluded)."""
+        cfg = self.cfg
+        measured_time, measured_steps = 0.0, 0
+        mark = (self.step, self.elapsed)  # the previous log line: samples/s over the steps since
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             loss = self.train_step()
@@ -202,20 +281,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 self._append_stats(record)
                 self.window = []
+                if self.tracker is not None:
+                    seconds = self.elapsed - mark[1]
+                    self.tracker.log({"train/loss": record["loss"], "train/lr": self.opt.param_groups[0]["lr"],
+                                      "train/samples_per_s": (self.step - mark[0]) * cfg.global_batch / seconds
+                                      if seconds > 0 else float("nan")}, step=self.step)
+                mark = (self.step, self.elapsed)
             if eval_every and on_eval and self.step % eval_every == 0 and self.step < cfg.steps:
                 on_eval(self)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save()
-        bar.close()
-        if on_eval and not any(e.get("step") == self.step for e in self.evals):
-            on_eval(self)  # the final evaluation, once, also after a resume
-        self.save()
-        tail = [s["loss"] for s in self.stats[-3:]]
-        return {
-            "steps": self.step, "images_seen": self.images_seen, "wall_time_s": self.elapsed,
-            "final_loss": sum(tail) / max(len(tail), 1),
-            "samples_per_s": (measured_steps * cfg.global_batch / measured_time) if measured_time else float("nan"),
-        }
+        return measured_steps, measured_time
 
     def _append_stats(self, record: dict) -> None:
         if self.acc.is_main_process:
@@ -226,3 +302,33 @@ class Trainer:
     @property
     def ema_denoiser(self):
         return self.ema.module
+
+
+class _Rows:
+    """A map-style dataset over an out-of-core image view whose batched fetch reads the whole batch at once."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+    def __getitems__(self, indices):  # the on-disk dtype: converted to float32 after the copy to the device
+        return self.images.read(np.asarray(indices, dtype=np.int64), on_disk_dtype=True)
+
+
+class _Sampler:
+    """Wraps the trainer's step-index generator as a DataLoader batch sampler."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return self.make()
+
+
+def _first(batch):
+    return batch  # the batch is already one tensor (``_Rows.__getitems__``)

@@ -1,10 +1,12 @@
 """Result tables: keyed upserts into CSV (a rerun replaces its rows), Markdown renderings, environment."""
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -27,6 +29,21 @@ def device_name(device: str | torch.device = "cpu") -> str:
 def environment(device: str | torch.device = "cpu") -> dict:
     return {"device": device_name(device), "torch": torch.__version__,
             "cuda": torch.version.cuda if torch.device(device).type == "cuda" else ""}
+
+
+@contextmanager
+def tables_lock(folder: str | Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder``'s tables of ``name`` (a hidden ``.<name>.lock`` file, fcntl.flock)
+    while they are read, merged and written: jobs of a multirun (submitit, SLURM) that finish together would
+    otherwise each read the table before the other wrote it, and one job's rows would be lost."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_text
+from diffusion.checkpoint import CHECKPOINT_PATHS
 from measure.results import environment
 from objectives import build_objective
 
@@ -46,8 +47,8 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
     snapshot = {"suite": OmegaConf.to_container(train_suite, resolve=True), "run": asdict(run)}
     run_dir = Path(cfg.runs_dir) / suite.name / cfg.scale.name / run.run_id
     # resume only a checkpoint of this configuration (as the train kind does)
-    prepare_run_dir(run_dir, config_hash(snapshot), cfg.force, ("checkpoint.pt", "stats.jsonl", "guidance.json"))
-    summary, trainer = train_one(run, train_suite, data, run_dir, device, snapshot)
+    prepare_run_dir(run_dir, config_hash(snapshot), cfg.force, (*CHECKPOINT_PATHS, "stats.jsonl", "guidance.json"))
+    summary, trainer = train_one(run, train_suite, data, run_dir, device, snapshot, cfg.get("tracker", "none"))
     den = trainer.ema_denoiser
     objective = build_objective(**run.objective)
     steps = int(base_eval["sampler_steps"])

@@ -7,12 +7,15 @@ so a changed configuration never continues from another configuration's weights.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterable
 
 from core.io import atomic_write_text
+from diffusion.checkpoint import CHECKPOINT_PATHS, find_checkpoint
 
-STATE_FILES = ("checkpoint.pt", "stats.jsonl", "result.json")
+# the checkpoint folder (and the .new/.old folders a killed save can leave, and a legacy checkpoint.pt)
+STATE_FILES = (*CHECKPOINT_PATHS, "stats.jsonl", "result.json")
 
 
 def prepare_run_dir(run_dir: Path, digest: str, force: bool = False, state_files: Iterable[str] = STATE_FILES,
@@ -22,11 +25,14 @@ def prepare_run_dir(run_dir: Path, digest: str, force: bool = False, state_files
     (processes other than rank 0) only answers."""
     run_dir = Path(run_dir)
     hash_file = run_dir / "config_hash"
-    resumable = (not force and (run_dir / "checkpoint.pt").exists() and hash_file.exists()
+    resumable = (not force and find_checkpoint(run_dir) is not None and hash_file.exists()
                  and hash_file.read_text() == digest)
     if write:
         if run_dir.exists() and not resumable:
             for stale in state_files:
-                (run_dir / stale).unlink(missing_ok=True)
+                if (run_dir / stale).is_dir():
+                    shutil.rmtree(run_dir / stale)
+                else:
+                    (run_dir / stale).unlink(missing_ok=True)
         atomic_write_text(hash_file, digest)
     return resumable

@@ -103,6 +103,7 @@ RULES: Dict[tuple, tuple] = {
     ("train", "log_every"): (_positive, "> 0"),
     ("train", "warmup_steps_excluded"): (_non_negative, ">= 0"),
     ("train", "fault_nan_at_step"): (_positive, "> 0 (or null)"),
+    ("train", "loader_workers"): (_non_negative, ">= 0 (DataLoader processes reading latents; 0: none)"),
     ("eval", "every"): (_non_negative, ">= 0 (0: only the final step)"),
     ("eval", "samples"): (_non_negative, ">= 0 (0: no FID)"),
     ("eval", "batch"): (_positive, "> 0"),
@@ -284,9 +285,20 @@ def check_root(cfg: DictConfig) -> None:
     device = cfg.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device = {device}: must be auto, cpu or cuda")
-    for key in ("force",):
+    for key in ("force", "report", "plan"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{key} = {cfg.get(key)!r}: must be true or false")
+    tracker = cfg.get("tracker", "none")
+    if tracker not in ("tensorboard", "wandb", "none"):
+        raise ConfigError(f"tracker = {tracker}: must be tensorboard, wandb or none")
+    mfu = cfg.get("plan_mfu", 0.4)
+    if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
+        raise ConfigError(f"plan_mfu = {mfu!r}: must be in (0, 1] (the fraction of the GPU's peak FLOP/s a run "
+                          "achieves); e.g. plan_mfu=0.4")
+    gpus = cfg.get("plan_gpus", 8)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"plan_gpus = {gpus!r}: must be a whole number >= 1 (GPUs sharing the global batch); "
+                          "e.g. plan_gpus=8")
     for key in ("results_dir", "runs_dir"):
         if not isinstance(cfg.get(key), str) or not cfg.get(key):
             raise ConfigError(f"{key} = {cfg.get(key)!r}: must be a folder path")
@@ -358,6 +370,12 @@ def validate_suite(cfg: DictConfig, kinds: Optional[Mapping[str, Callable]] = No
                               f"{', '.join(m for m, e in methods.items() if e is not None)}")
     if kind == "guidance":
         _check_guidance(suite, sections["eval"])
+    if kind in ("train", "guidance") and not cfg.get("plan") and not cfg.get("report"):
+        from runner.tracking import check_tracker
+
+        check_tracker(cfg.get("tracker", "none"))  # its package installed: refused before any training
+    if cfg.get("plan") and (suite.get("train") is None or not suite.get("backbones")):
+        raise ConfigError(f"plan=true plans suites that train; suite {suite['name']} (kind {kind}) trains nothing")
     return typed
 
 

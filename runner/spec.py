@@ -173,9 +173,17 @@ DEFAULT_OBJECTIVE = {"name": "edm"}
 _HASH_DEFAULTS = {"kind": "tread", "args": {}, "objective": DEFAULT_OBJECTIVE}
 
 
+# Train keys that cannot change a run's results (how data is read): kept out of the hash.
+_HASH_IGNORED_TRAIN = ("loader_workers",)
+
+
 def config_hash(obj) -> str:
     if isinstance(obj, dict) and ("run" in obj or "suite" in obj):
         obj = dict(obj)
+        suite = obj.get("suite")
+        if isinstance(suite, dict) and isinstance(suite.get("train"), dict):
+            train = {k: v for k, v in suite["train"].items() if k not in _HASH_IGNORED_TRAIN}
+            obj["suite"] = {**suite, "train": train}
         if isinstance(obj.get("run"), dict):
             obj["run"] = {k: v for k, v in obj["run"].items() if _HASH_DEFAULTS.get(k, object()) != v}
         if isinstance(obj.get("suite"), dict) and obj["suite"].get("objective") == DEFAULT_OBJECTIVE:

@@ -16,13 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
 from core.io import atomic_write_text
-from measure.results import environment, upsert_csv
+from measure.results import environment, tables_lock, upsert_csv
 
 from .resume import prepare_run_dir
+from .tracking import open_tracker
 from .spec import RunSpec, build_run_network, config_hash, expand_runs, pick_device, validate_run
 
 # A run's rows (one per evaluation) are replaced together: a rerun never leaves rows of an earlier attempt.
 RUN_KEY = ["suite", "scale", "run_id", "seed"]
+# evaluation columns logged to the tracker (with every eval_loss* column)
+EVAL_METRICS = ("fid", "kid", "precision", "recall")
 
 
 def train_macs_per_image(run: RunSpec, data_shape, num_classes: int) -> float:
@@ -72,12 +75,14 @@ def held_out_loss(suite: DictConfig, eval_cfg, data, objective=None):
     return HeldOutLoss(held.images, held.labels, cfg, objective)
 
 
-def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict):
+def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
+              tracker: str = "none"):
     """Train (or resume) one run; returns (summary, trainer); trainer.evals holds the evaluation rows.
 
     At every evaluation point (suite.eval.every, and the final step), off the training clock: the held-out
     evaluation loss of the EMA model, a sample grid (same noise and labels for every run and point), and
-    FID (at every point, or only the final one with eval.fid_at=final).
+    FID (at every point, or only the final one with eval.fid_at=final). ``tracker`` (tensorboard, wandb or
+    none; runner/tracking.py) logs the training curve, the evaluations and the grids as they happen.
     """
     from diffusion.sampler import SamplerConfig
     from diffusion.train import Trainer, TrainConfig
@@ -93,6 +98,8 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
                                            fp32_after_route=train_cfg.fp32_after_route))
     trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot, objective=objective)
     resumed = trainer.try_resume()
+    trainer.tracker = open_tracker(tracker, run_dir, run.dir_name, f"{run.suite}_{run.scale}", snapshot,
+                                   resumed_step=trainer.step)
     macs_per_image = train_macs_per_image(run, data.shape, data.num_classes)
     fid = (FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes, objective)
            if eval_cfg.samples > 0 else None)
@@ -114,20 +121,29 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
                                        objective)
             path = save_grid(images, cols, run_dir / "samples" / f"step{tr.step:07d}.png")
             row["grid"] = str(path)
+            if tr.tracker is not None:
+                tr.tracker.log_grid(images, cols, tr.step)
         if fid is not None and (final or eval_cfg.fid_at == "every"):
             row.update(fid(tr.ema_denoiser, data.shape, tr.acc.device))
         tr.evals.append(row)
+        if tr.tracker is not None:
+            tr.tracker.log({f"eval/{k}": v for k, v in row.items() if k.startswith("eval_loss") or k in EVAL_METRICS},
+                           tr.step)
 
-    summary = trainer.train(on_eval=on_eval, eval_every=eval_cfg.every)
+    try:
+        summary = trainer.train(on_eval=on_eval, eval_every=eval_cfg.every)
+    finally:
+        if trainer.tracker is not None:
+            trainer.tracker.finish()
     summary.update(resumed=resumed, params=sum(p.numel() for p in den.net.backbone.parameters()))
     return summary, trainer
 
 
 def _train_and_record(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
-                      base: dict) -> tuple[list[dict], bool]:
+                      base: dict, tracker: str = "none") -> tuple[list[dict], bool]:
     """Train one run and turn it into table rows; a failure becomes one 'failed' row (never an exception)."""
     try:
-        summary, trainer = train_one(run, suite, data, run_dir, device, snapshot)
+        summary, trainer = train_one(run, suite, data, run_dir, device, snapshot, tracker)
         base = {**base, "params": summary["params"], "steps": summary["steps"], "final_loss": summary["final_loss"],
                 "samples_per_s": summary["samples_per_s"], "status": "ok", "error": ""}
         return [{**base, **e} for e in trainer.evals], True
@@ -152,7 +168,7 @@ def _worker(job: dict) -> tuple[list[dict], bool]:
     data = load_dataset(suite.data.name, suite.data.resolution, limit=suite.data.get("limit"),
                         **(suite.data.get("kwargs") or {}))
     rows, ok = _train_and_record(job["run"], suite, data, Path(job["run_dir"]), job["device"], job["snapshot"],
-                                 job["base"])
+                                 job["base"], job["tracker"])
     atomic_write_text(Path(job["run_dir"]) / "result.json", json.dumps(rows, indent=1, default=str))
     return rows, ok
 
@@ -203,6 +219,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 "seed": run.seed, **environment(device), "config_hash": digest}
         pending.append((run, run_dir, snapshot, base))
 
+    tracker = cfg.get("tracker", "none")
     jobs = max(1, int(suite.get("jobs", 1)))
     if state.num_processes > 1 or device == "cuda":
         jobs = 1  # parallel runs are for CPU machines; GPUs and data-parallel runs take one run at a time
@@ -212,7 +229,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     if jobs == 1:
         for run, run_dir, snapshot, base in pending:
             print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
-            run_rows, ok = _train_and_record(run, suite, data, run_dir, device, snapshot, base)
+            run_rows, ok = _train_and_record(run, suite, data, run_dir, device, snapshot, base, tracker)
             if main_process:
                 atomic_write_text(run_dir / "result.json", json.dumps(run_rows, indent=1, default=str))
             rows.extend(run_rows)
@@ -223,7 +240,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             futures = [(run, base, pool.submit(_worker, {
                 "run": run, "suite": resolved, "run_dir": str(run_dir), "device": device, "snapshot": snapshot,
-                "base": base, "threads": threads, "imports": list(cfg.get("imports") or [])}))
+                "base": base, "threads": threads, "imports": list(cfg.get("imports") or []), "tracker": tracker}))
                 for run, run_dir, snapshot, base in pending]
             for run, base, future in futures:
                 try:
@@ -238,7 +255,8 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 failures += [] if ok else [run.dir_name]
     if not main_process:
         return 1 if failures else 0
-    write_train_tables(cfg, suite, rows, results_dir)
+    with tables_lock(results_dir, suite.name):  # other jobs of a multirun may write the same tables now
+        write_train_tables(cfg, suite, rows, results_dir)
     print(f"suite wall time this sitting: {time.perf_counter() - started:.0f} s "
           f"({len(pending)} runs trained or resumed, {finished} finished earlier, "
           f"{len(runs) - len(pending) - finished} left out)")

@@ -127,7 +127,7 @@ def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monke
     run_dir.mkdir(parents=True)
     seen = []
 
-    def train_one(run, suite, data, run_dir, device, snapshot):  # stops the suite where training would start
+    def train_one(run, suite, data, run_dir, device, snapshot, tracker="none"):  # stops where training would start
         seen.append((run_dir / "checkpoint.pt").exists())
         raise KeyboardInterrupt
 

@@ -138,7 +138,7 @@ def test_smoke_suite_with_flow(tmp_path):
     table = pd.read_csv(tmp_path / "r" / "smoke.csv")
     assert table.run_id.tolist() == ["dit-tiny-baseline-flow", "dit-tiny-tread-flow"]
     assert set(table.status) == {"ok"} and table.final_loss.notna().all()
-    assert (tmp_path / "runs" / "smoke" / "tiny" / "dit-tiny-tread-flow-seed0" / "checkpoint.pt").exists()
+    assert (tmp_path / "runs" / "smoke" / "tiny" / "dit-tiny-tread-flow-seed0" / "checkpoint" / "model.safetensors").exists()
 
 
 def test_objective_group_moves_outputs_and_unknown_objective_is_refused():

@@ -1,6 +1,7 @@
 """Interrupted runs, atomic writes, NaN losses, bad input, data parallel: nothing lost, every refusal explained."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,30 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     b = pd.read_csv(killed / "results" / "smoke.csv")
     assert len(b) == 2 and b.run_id.is_unique
     assert np.array_equal(a.final_loss.values, b.final_loss.values)
+
+
+def test_unreadable_checkpoint_fails_its_run_in_one_line_and_the_next_run_trains(tmp_path):
+    cmd = [PY, "run_suite.py", "suite=smoke", "scale=tiny", f"results_dir={tmp_path}/results",
+           f"runs_dir={tmp_path}/runs", "suite.train.steps=4", "suite.train.checkpoint_every=2",
+           "suite.train.log_every=1", "suite.data.limit=64"]
+    subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    runs = tmp_path / "runs" / "smoke" / "tiny"
+    broken = runs / "dit-tiny-baseline-seed0" / "checkpoint" / "state.pt"
+    broken.write_bytes(b"\x00" * broken.stat().st_size)  # corrupt, same size
+    (runs / "dit-tiny-baseline-seed0" / "result.json").unlink()  # so that it resumes
+    shutil.rmtree(runs / "dit-tiny-tread-seed0")  # so that it trains again
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 1 and "1 of 2 runs failed: dit-tiny-baseline-seed0" in res.stderr
+    (line,) = [x for x in res.stderr.splitlines() if "FAILED" in x]
+    assert f"cannot read checkpoint file {broken} (corrupt or truncated" in line and "force=true" in line
+    assert "Traceback" not in res.stderr
+    table = pd.read_csv(tmp_path / "results" / "smoke.csv").set_index("method")
+    assert table.status.to_dict() == {"baseline": "failed", "tread": "ok"}
+    assert "cannot read checkpoint file" in table.error["baseline"]
+    assert len(losses(tmp_path, "dit-tiny-tread-seed0")) == 4  # trained from scratch after the failure
+    # the fix the line names: force=true trains the run again from its start
+    subprocess.run(cmd + ["force=true", "only=baseline"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    assert pd.read_csv(tmp_path / "results" / "smoke.csv").status.tolist() == ["ok", "ok"]
 
 
 def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):

@@ -93,13 +93,36 @@ def test_guidance_tiny(tmp_path):
 
 
 def test_multirun_with_the_local_launcher(tmp_path):
+    """hydra-submitit-launcher for real: submitit's local executor runs each multirun entry as a job in its own
+    process, with the job shape the SLURM launcher shares (suites/hydra/launcher/shape/job.yaml); the two jobs
+    run at the same time and both land their rows in the same table."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "run_suite.py", "-m", "suite=smoke", "scale=tiny", "suite.seed=0,1",
-                          "suite.train.steps=3", "suite.data.limit=64", f"results_dir={tmp_path}/r",
-                          f"runs_dir={tmp_path}/runs", f"hydra.sweep.dir={tmp_path}/sweep"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "run_suite.py", "-m", "hydra/launcher=local", "suite=smoke", "scale=tiny",
+                          "suite.seed=0,1", "suite.train.steps=3", "suite.data.limit=64", "tracker=none",
+                          f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs", f"hydra.sweep.dir={tmp_path}/sweep"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     table = pd.read_csv(tmp_path / "r" / "smoke.csv")
     # one row per run and seed: the second job neither replaced nor resumed the first one's runs
     assert sorted(table.seed.tolist()) == [0, 0, 1, 1]
     assert table.groupby("seed").final_loss.apply(tuple).nunique() == 2
+    jobs = list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))  # submitit's own record of each job
+    assert len(jobs) == 2, list((tmp_path / "sweep").rglob("*"))
+
+
+def test_slurm_launcher_differs_from_the_local_one_only_in_cluster_fields():
+    from hydra import compose, initialize_config_dir
+
+    from suite_helpers import SUITES
+
+    with initialize_config_dir(config_dir=SUITES, version_base="1.3"):
+        local = compose("config", ["hydra/launcher=local"], return_hydra_config=True).hydra.launcher
+        slurm = compose("config", ["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+    shape = ("submitit_folder", "name", "nodes", "tasks_per_node", "stderr_to_stdout")
+    assert all(local[k] == slurm[k] for k in shape)
+    assert local._target_.endswith("LocalLauncher") and slurm._target_.endswith("SlurmLauncher")
+    differ = {k for k in slurm if k not in local or slurm[k] != local[k]} - {"_target_"}
+    cluster = {"partition", "account", "qos", "constraint", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
+               "setup", "comment", "exclude", "gres", "cpus_per_gpu", "gpus_per_task", "mem_per_gpu", "mem_per_cpu",
+               "signal_delay_s", "max_num_timeout", "additional_parameters", "array_parallelism"}
+    assert differ <= cluster, differ - cluster

@@ -1,0 +1,206 @@
+"""Training memory per GPU: an estimate from the network's shape, and a measured peak on CPU to check it.
+
+Estimate (:func:`estimate_training_memory`), per process, at a per-process batch ``B``:
+
+* state: 20 bytes per parameter = fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32 moments (8) + the
+  fp32 EMA copy (4). Mixed precision (bf16 autocast) keeps all four in fp32.
+* activations: ``B x sum over blocks of (tokens the block sees x its width) x k`` bytes, with the tokens and
+  widths read from a batch-1 training forward on the meta device (so a method's token reduction counts:
+  TREAD's routed blocks see fewer tokens), and ``k`` = :data:`ACTIVATION_BYTES` bytes per token, per
+  block, per unit of width.
+
+``k`` is measured, not derived from a formula: the slope of a training step's peak memory in the batch size,
+divided by sum(tokens x width) (:func:`fit_activation_factor`; DiT-S/2 on 32x32x4, fp32 on CPU, batches 2 and
+6, measured 140.5 and 142.1 bytes in two sittings: 1 image adds the slope's bytes; the slope absorbs the embedding, head and loss, which are small beside 12
+blocks). For comparison, Korthikanti et al. (2022) count 34 bytes per token per layer per unit of width for a
+GPT layer in 16-bit with fused attention; a DiT block saves more (adaLN's modulate and gate products, fp32
+LayerNorm). Under bf16 autocast on GPU most saved tensors are bf16 (the inputs of every matmul) while norms and
+the residual stream stay fp32: :data:`ACTIVATION_BYTES` ``["bf16"]`` is the fp32 factor times 0.6, an
+assumption until it is measured on a GPU (torch.cuda.max_memory_allocated of two steps).
+
+The estimate adds gradients and activations as if they were alive together, which they are only partly
+(gradients are allocated while backward frees activations): it errs on the high side, by design for a plan.
+Not counted: the CUDA context and cuDNN/cuBLAS workspaces (~0.5-1 GiB per GPU), the allocator's fragmentation,
+evaluation (sampling, FID Inception) which runs between steps, and the data loader's pinned buffers.
+
+Measured (:func:`measure_cpu_peak`): a fresh process (spawned) builds the run's network, an EMA copy and
+AdamW, and runs ``steps`` training steps (the objective's loss, backward, AdamW, EMA update, as training does);
+the result is its peak RSS minus its RSS just before the network was built (the interpreter and torch), the
+peak being reset there (an import can peak higher than the RSS it leaves).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+from typing import Dict, List, Optional
+
+import torch
+
+#: bytes per parameter kept for the whole run, fp32 in mixed precision too
+STATE_BYTES_PER_PARAM = {"weights": 4, "grads": 4, "adamw": 8, "ema": 4}
+
+#: bytes per token, per block, per unit of width saved for backward (see the module docstring): fp32 measured on
+#: CPU (DiT-S/2, batch 2 -> 6, slope of the peak RSS); bf16 = 0.6 x fp32, assumed.
+ACTIVATION_BYTES = {"fp32": 140.0, "bf16": 0.6 * 140.0}
+
+
+def block_shapes(net, data_shape, num_classes: int) -> List[tuple]:
+    """[(tokens, width)] of every block's input in one batch-1 training forward of ``net`` (a method network)
+    on the meta device: the tokens a method lets each block see, and the block width."""
+    shapes: List[Optional[tuple]] = [None] * len(net.blocks)
+
+    def hook(index):
+        def record(module, args):
+            shapes[index] = (int(args[0].shape[1]), int(args[0].shape[-1]))
+        return record
+
+    handles = [b.register_forward_pre_hook(hook(i)) for i, b in enumerate(net.blocks)]
+    was_training = {m: m.training for m in net.modules()}
+    try:
+        net.train()
+        c, h, w = data_shape
+        with torch.device("meta"), torch.no_grad():
+            x = torch.zeros(1, c, h, w)
+            net(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in was_training.items():
+            module.training = training
+    if any(s is None for s in shapes):
+        raise RuntimeError(f"{type(net).__name__}: some blocks did not run in a training forward")
+    return shapes
+
+
+def estimate_training_memory(net, data_shape, num_classes: int, batch: int, precision: str = "bf16",
+                             params: Optional[int] = None) -> Dict[str, float]:
+    """Estimated bytes per process of training ``net`` (built on the meta device) at per-process ``batch``:
+    {weights, grads, adamw, ema, activations, total} in bytes, and the activation factor used."""
+    if params is None:
+        params = sum(p.numel() for p in net.parameters())
+    key = "fp32" if precision in ("fp32", "no") else "bf16"
+    per_image = sum(tokens * width for tokens, width in block_shapes(net, data_shape, num_classes))
+    out = {name: float(params * nbytes) for name, nbytes in STATE_BYTES_PER_PARAM.items()}
+    out["activations"] = float(batch * per_image * ACTIVATION_BYTES[key])
+    out["total"] = sum(out[k] for k in (*STATE_BYTES_PER_PARAM, "activations"))
+    out["activation_bytes_per_token_block_width"] = ACTIVATION_BYTES[key]
+    out["token_width_per_image"] = float(per_image)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# measured peak on CPU
+# ------------------------------------------------------------------------------------------------
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (Linux >= 4.0: ``5`` to /proc/self/clear_refs), so that a peak reached
+    before the measurement (importing modules, unpickling the spawned call) does not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    """The peak RSS since :func:`_reset_peak` (VmHWM), or over the process's life (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+
+
+def _probe(spec: dict, batch: int, steps: int, queue) -> None:
+    import copy
+
+    from objectives import build_objective
+
+    from .throughput import build_spec_network
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    objective = build_objective(**spec.get("objective", {"name": "edm"}))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *spec["data_shape"], generator=g)
+    y = torch.randint(spec["num_classes"], (batch,), generator=g)
+    draws = objective.draw(batch, spec["data_shape"], g)
+    _reset_peak()
+    before = _rss_mb()
+    den = objective.wrap(build_spec_network(spec)).train()
+    ema = copy.deepcopy(den).requires_grad_(False)
+    opt = torch.optim.AdamW(den.parameters(), lr=1e-4, weight_decay=0.0)
+    built = _rss_mb()
+    for _ in range(steps):
+        loss = objective.loss(den, x, y, draws).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), den.parameters()):
+                e.lerp_(p, 1e-3)
+    peak = _peak_mb()
+    queue.put({"before_mb": before, "built_mb": built, "peak_mb": peak, "growth_mb": peak - before,
+               "params": sum(p.numel() for p in den.parameters())})
+
+
+def measure_cpu_peak(spec: dict, batch: int, steps: int = 2, timeout: float = 600) -> Dict[str, float]:
+    """Peak RSS growth (MiB) of a fresh process training ``spec`` (measure.throughput.build_spec_network keys)
+    for ``steps`` fp32 steps at ``batch`` on CPU, with an EMA copy and AdamW: what the estimate predicts."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_probe, args=(spec, batch, steps, queue))
+    proc.start()
+    try:
+        value = queue.get(timeout=timeout)
+    finally:
+        proc.join(timeout=60)
+    return value
+
+
+def fit_activation_factor(spec: dict, batches=(2, 6), steps: int = 2) -> Dict[str, float]:
+    """The fp32 activation factor k of :data:`ACTIVATION_BYTES`: the slope of the measured peak in the batch,
+    per token x width summed over blocks (``python -m measure.memory`` prints it for DiT-S/2)."""
+    from .throughput import build_spec_network
+
+    with torch.device("meta"):
+        net = build_spec_network(spec)
+    per_image = sum(t * w for t, w in block_shapes(net, spec["data_shape"], spec["num_classes"]))
+    low, high = (measure_cpu_peak(spec, b, steps) for b in batches)
+    slope = (high["peak_mb"] - low["peak_mb"]) * 2**20 / (batches[1] - batches[0])
+    return {"bytes_per_image": slope, "token_width_per_image": per_image, "factor": slope / per_image,
+            "low": low, "high": high}
+
+
+def main() -> None:
+    """Fit the fp32 activation factor on DiT-S/2 (32x32x4, 1000 classes) and compare the estimate with the
+    measured peak of DiT-S/2 without and with TREAD r(2->8)@0.5 at batch 4."""
+    import json
+
+    spec = dict(backbone="dit", size="S/2", data_shape=(4, 32, 32), num_classes=1000, routes=[], selection="auto")
+    fit = fit_activation_factor(spec)
+    print(json.dumps({k: v for k, v in fit.items()}, default=float))
+    from .throughput import build_spec_network
+
+    for routes in ([], [{"start": 2, "end": 8, "rate": 0.5}]):
+        s = {**spec, "routes": routes}
+        with torch.device("meta"):
+            net = build_spec_network(s)
+        est = estimate_training_memory(net, s["data_shape"], s["num_classes"], 4, "fp32")
+        got = measure_cpu_peak(s, 4)
+        print(f"routes {routes}: estimate {est['total'] / 2**20:.0f} MiB "
+              f"(activations {est['activations'] / 2**20:.0f}), measured growth {got['growth_mb']:.0f} MiB, "
+              f"error {100 * (est['total'] / 2**20 / got['growth_mb'] - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Checkpoints safe to share: safetensors weights, a weights_only training state, atomic as a whole, and
+one clear line for a checkpoint that cannot be read."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.errors import CheckpointError
+from data import load_dataset
+from diffusion.checkpoint import find_checkpoint, load_checkpoint
+from diffusion.train import Trainer, TrainConfig, build_denoiser
+
+ROUTES = [{"start": 1, "end": 3, "rate": 0.5}]
+
+
+def trainer(run_dir, steps, **cfg):
+    data = load_dataset("synthetic", 32, limit=32)
+    torch.manual_seed(0)
+    den = build_denoiser("dit", "tiny", data.shape, data.num_classes, routes=ROUTES)
+    return Trainer(den, data, TrainConfig(steps=steps, global_batch=4, log_every=1, lr=1e-3, **cfg), run_dir)
+
+
+def losses(tr):
+    return [s["loss"] for s in tr.stats]
+
+
+def test_round_trip_is_safetensors_plus_a_weights_only_state_and_resumes_exactly(tmp_path):
+    whole = trainer(tmp_path / "whole", 6)
+    whole.train()
+    half = trainer(tmp_path / "half", 3)
+    half.train()
+    folder = tmp_path / "half" / "checkpoint"
+    assert sorted(os.listdir(folder)) == ["ema.safetensors", "manifest.json", "model.safetensors", "state.pt"]
+    model = load_file(folder / "model.safetensors")
+    assert torch.equal(model["net.backbone.blocks.0.attn.qkv.weight"],
+                       half.raw.state_dict()["net.backbone.blocks.0.attn.qkv.weight"])
+    assert "n_averaged" in load_file(folder / "ema.safetensors")
+    state = torch.load(folder / "state.pt", weights_only=True)  # plain types only
+    assert state["step"] == 3 and json.loads((folder / "manifest.json").read_text())["step"] == 3
+    assert isinstance(json.loads(state["config"]), dict)
+
+    resumed = trainer(tmp_path / "half", 6)
+    torch.manual_seed(123)  # the global RNG state must come from the checkpoint
+    assert resumed.try_resume()
+    resumed.train()
+    assert losses(resumed) == losses(whole)  # bit for bit
+    for a, b in zip(resumed.ema.parameters(), whole.ema.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_kill_between_the_renames_leaves_one_complete_checkpoint(tmp_path, monkeypatch):
+    tr = trainer(tmp_path, 2, checkpoint_every=1)
+    tr.train()  # checkpoint of step 2
+    tr.step = 3  # pretend one more step, then die after renaming the current folder away
+
+    real = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    monkeypatch.setattr(os, "rename", real)
+    assert not (tmp_path / "checkpoint").exists()
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.new"  # complete: its manifest was written
+    fresh = trainer(tmp_path, 5)
+    assert fresh.try_resume() and fresh.step == 3
+    fresh.train()  # the next save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    tr = trainer(tmp_path, 2)
+    tr.train()
+    tr.step = 3
+    import diffusion.checkpoint as ck
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing state.pt")
+
+    monkeypatch.setattr(ck.torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    monkeypatch.undo()
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+    fresh = trainer(tmp_path, 2)
+    assert fresh.try_resume() and fresh.step == 2
+
+
+def touch(path):
+    Path(path).touch()
+
+
+class Payload:
+    """A pickle that would create a file if it were unpickled with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (touch, (str(self.marker),))
+
+
+def test_unreadable_checkpoints_give_one_line_naming_the_file_and_the_fix(tmp_path):
+    tr = trainer(tmp_path, 1)
+    tr.train()
+    folder = tmp_path / "checkpoint"
+    state_file = folder / "state.pt"
+    good = state_file.read_bytes()
+    marker = tmp_path / "code_ran"
+
+    def refused(match):
+        with pytest.raises(CheckpointError, match=match) as err:
+            trainer(tmp_path, 2).try_resume()
+        message = str(err.value)
+        assert "\n" not in message and "force=true" in message and str(folder) in message
+        return message
+
+    # a state.pt that would run code: refused by weights_only, nothing runs
+    torch.save({"step": 1, "x": Payload(marker)}, state_file)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = state_file.stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "weights_only" in refused("state.pt .*refused by torch.load")
+    assert not marker.exists()
+    torch.load(state_file, weights_only=False)  # what the loader did before: the file's code runs
+    assert marker.exists()
+    # truncated (size differs from the manifest)
+    state_file.write_bytes(good[:100])
+    refused("state.pt .*truncated")
+    # corrupt bytes of the right size
+    state_file.write_bytes(b"\x00" * len(good))
+    manifest["files"]["state.pt"] = len(good)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    refused("state.pt .*corrupt")
+    state_file.write_bytes(good)
+    # damaged safetensors header
+    model_file = folder / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[8:40] = b"#" * 32
+    model_file.write_bytes(bytes(data))
+    refused("model.safetensors")
+    # no manifest: an unfinished folder
+    (folder / "manifest.json").unlink()
+    refused("manifest.json .*missing")
+
+
+def test_a_legacy_checkpoint_pt_still_resumes_with_weights_only(tmp_path):
+    tr = trainer(tmp_path / "new", 2)
+    tr.train()
+    legacy = {"model": tr.raw.state_dict(), "ema": tr.ema.state_dict(), "optimizer": tr.opt.state_dict(),
+              "step": tr.step, "images_seen": tr.images_seen, "elapsed": tr.elapsed,
+              "rng": {"data": tr.data_gen.get_state(), "routing": tr.raw.net.rng_state(),
+                      "torch": torch.get_rng_state()},
+              "stats": tr.stats, "evals": [{"step": 2, "fid": np.float64(3.5)}], "window": tr.window,
+              "config": {"suite": {"name": "x"}}}
+    (tmp_path / "old").mkdir()
+    torch.save(legacy, tmp_path / "old" / "checkpoint.pt")
+    assert find_checkpoint(tmp_path / "old") == tmp_path / "old" / "checkpoint.pt"
+    fresh = trainer(tmp_path / "old", 4)
+    assert fresh.try_resume() and fresh.step == 2 and fresh.evals[0]["fid"] == 3.5
+    fresh.train()
+    assert (tmp_path / "old" / "checkpoint").is_dir() and not (tmp_path / "old" / "checkpoint.pt").exists()
+    whole = trainer(tmp_path / "whole", 4)
+    whole.train()
+    assert losses(fresh) == losses(whole)
+
+
+def test_state_that_weights_only_would_refuse_is_refused_when_saved(tmp_path):
+    tr = trainer(tmp_path, 1)
+    tr.raw.net.rng_state = lambda: {"gen": object()}
+    with pytest.raises(TypeError, match="state.rng.routing.gen is a object"):
+        tr.save()
+    assert find_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match="not a training state"):
+        torch.save([1, 2], tmp_path / "checkpoint.pt")
+        load_checkpoint(tmp_path / "checkpoint.pt", tr.raw, tr.ema)
