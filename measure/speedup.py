@@ -6,6 +6,13 @@ value; cost in steps, training FLOPs or training seconds (evaluation off the clo
 value are interpolated linearly between evaluations. Computed per seed pair (baseline seed s, method
 seed s), then summarised as mean and 95% t interval over the pairs that reached the value; the table
 says how many did.
+
+Equal-compute comparison (the question when a method is behind at equal steps but each step is cheaper):
+``loss_cost_ratio_<flops|time>`` is the baseline's cost to reach the method's FINAL evaluation loss divided by
+the method's final cost (above 1: the method gets to its final quality cheaper than the baseline gets to the
+same quality); ``eval_loss_diff_equal_<flops|time>`` is the method's final loss minus the baseline's loss at
+the same training FLOPs (seconds), interpolated on the baseline's curve (below 0: the method is better for
+the same compute). Both are NaN when the baseline's curve does not cover the point.
 """
 from __future__ import annotations
 
@@ -33,6 +40,16 @@ def time_to_reach(times, values, target: float) -> Optional[float]:
             frac = (values[k - 1] - target) / (values[k - 1] - values[k])
             return float(times[k - 1] + frac * (times[k] - times[k - 1]))
     return None
+
+
+def value_at(times, values, t: float) -> float:
+    """The piecewise-linear curve (times, values) at ``t``; NaN outside its range (no extrapolation)."""
+    times, values = np.asarray(times, float), np.asarray(values, float)
+    order = np.argsort(times)
+    times, values = times[order], values[order]
+    if len(times) == 0 or t < times[0] or t > times[-1]:
+        return math.nan
+    return float(np.interp(t, times, values))
 
 
 def convergence_speedup(base_t, base_fid, tread_t, tread_fid):
@@ -70,6 +87,13 @@ def _pair_figures(b: pd.DataFrame, o: pd.DataFrame) -> dict:
             reached = t_method is not None
             out[f"{short}_speedup_{label}"] = bm[col].iloc[-1] / t_method if reached and t_method > 0 else math.nan
         out[f"{short}_reached"] = reached
+        if metric == "eval_loss":
+            final = om[metric].iloc[-1]
+            for label, col in (("flops", "train_flops"), ("time", "wall_time_s")):
+                t_base = time_to_reach(bm[col], bm[metric], final)
+                cost = om[col].iloc[-1]
+                out[f"loss_cost_ratio_{label}"] = t_base / cost if t_base is not None and cost > 0 else math.nan
+                out[f"eval_loss_diff_equal_{label}"] = final - value_at(bm[col], bm[metric], cost)
     return out
 
 
@@ -111,7 +135,11 @@ def speedup_table(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFram
 SPEEDUP_COLUMNS = [("flop_ratio", "FLOP ratio"), ("iteration_speedup", "step speedup"),
                    ("eval_loss_baseline", "eval loss base"), ("eval_loss_method", "eval loss method"),
                    ("eval_loss_diff", "eval loss diff"), ("fid_baseline", "FID base"), ("fid_method", "FID method"),
-                   ("fid_diff", "FID diff"), ("loss_speedup_steps", "conv. speedup steps (loss)"),
+                   ("fid_diff", "FID diff"),
+                   ("eval_loss_diff_equal_flops", "eval loss diff at equal FLOPs"),
+                   ("eval_loss_diff_equal_time", "eval loss diff at equal time"),
+                   ("loss_cost_ratio_flops", "cost ratio FLOPs (loss)"), ("loss_cost_ratio_time", "cost ratio time (loss)"),
+                   ("loss_speedup_steps", "conv. speedup steps (loss)"),
                    ("loss_speedup_flops", "conv. speedup FLOPs (loss)"), ("loss_speedup_time", "conv. speedup time (loss)"),
                    ("fid_speedup_steps", "conv. speedup steps (FID)"), ("fid_speedup_flops", "conv. speedup FLOPs (FID)"),
                    ("fid_speedup_time", "conv. speedup time (FID)")]

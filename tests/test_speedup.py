@@ -4,7 +4,7 @@ import math
 import pandas as pd
 import pytest
 
-from measure.speedup import speedup_markdown, speedup_table, time_to_reach
+from measure.speedup import speedup_markdown, speedup_table, time_to_reach, value_at
 
 
 def test_time_to_reach_interpolates_linearly():
@@ -38,6 +38,31 @@ def test_one_seed_pair_by_hand():
     assert row.loss_speedup_time == pytest.approx(400 / (1.6 * step_at))
     assert row.loss_reached == "1/1"
     assert row.fid_speedup_steps == pytest.approx(200 / step_at)  # FID 40 -> same crossing (42 -> 30)
+    # tread's final 0.30 is below anything the baseline reached: no cost ratio; at tread's final FLOPs
+    # (1400) the baseline's curve (1000 -> 0.50, 2000 -> 0.40) reads 0.46; at tread's final 320 s the
+    # baseline's curve (200 s -> 0.50, 400 s -> 0.40) reads 0.44
+    assert math.isnan(row.loss_cost_ratio_flops)
+    assert row.eval_loss_diff_equal_flops == pytest.approx(0.30 - 0.46)
+    assert row.eval_loss_diff_equal_time == pytest.approx(0.30 - 0.44)
+
+
+def test_equal_compute_when_the_method_is_behind_at_equal_steps():
+    # baseline 10 FLOPs/step, loss 0.50 @100, 0.40 @200, 0.36 @300; tread 5 FLOPs/step, 0.48 @300 (1500 FLOPs).
+    # Baseline reaches 0.48 at step 100 + 100 * 0.02/0.10 = 120 -> 1200 FLOPs: cost ratio 1200 / 1500 = 0.8.
+    # At 1500 FLOPs (step 150) the baseline reads 0.45: diff 0.48 - 0.45 = +0.03 (tread worse at equal FLOPs).
+    rows = (curve("baseline", 0, [100, 200, 300], [100, 200, 300], 10, [0.50, 0.40, 0.36])
+            + curve("tread", 0, [100, 200, 300], [50, 100, 150], 5, [0.60, 0.52, 0.48]))
+    row = speedup_table(pd.DataFrame(rows)).iloc[0]
+    assert row.loss_cost_ratio_flops == pytest.approx(0.8)
+    assert row.eval_loss_diff_equal_flops == pytest.approx(0.03)
+    # time: tread's 150 s -> baseline at 150 s reads 0.45 as well; baseline reaches 0.48 at 120 s: 120/150
+    assert row.loss_cost_ratio_time == pytest.approx(0.8)
+    assert row.eval_loss_diff_equal_time == pytest.approx(0.03)
+
+
+def test_value_at_interpolates_and_never_extrapolates():
+    assert value_at([10, 20], [1.0, 2.0], 15) == pytest.approx(1.5)
+    assert math.isnan(value_at([10, 20], [1.0, 2.0], 25)) and math.isnan(value_at([10, 20], [1.0, 2.0], 5))
 
 
 def test_three_seed_pairs_summarised_with_t_interval():
