@@ -17,7 +17,7 @@ from hydra.utils import get_original_cwd
 from omegaconf import DictConfig
 
 from core.errors import ConfigError
-from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite, run_plan, validate_suite
+from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite, run_kind, run_plan, validate_suite
 
 
 @hydra.main(config_path="suites", config_name="config", version_base="1.3")
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("plan"):
             code = run_plan(cfg, suite)  # costs only: no run folders, no training
         else:
-            code = SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
+            code = run_kind(cfg, suite, SUITE_KINDS)  # scale=dryrun: runs in fresh processes (runner/dryrun.py)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -42,4 +42,13 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Hydra reports an unknown key or suite in several lines and exits 1; say it in one line, exit 2.
+    from pathlib import Path
+
+    from runner.schema import check_command_line
+
+    problem = check_command_line(sys.argv[1:], str(Path(__file__).resolve().parent / "suites"))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -32,7 +32,9 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
 class EDMDenoiser(nn.Module):
     """D(x; sigma, y) = c_skip x + c_out F(c_in x; c_noise, y) around a network F.
 
-    Extra keyword arguments (e.g. ``force_rate``) pass through to F unchanged.
+    Extra keyword arguments (e.g. ``force_rate``) pass through to F unchanged. ``return_loss_terms=True``
+    returns ``(denoised, terms)``: the method's LossTerms when F shapes its loss (``F.shapes_loss``, see
+    methods.registry.LossTerms), else None (the plain loss).
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5):
@@ -40,15 +42,17 @@ class EDMDenoiser(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(self, x, sigma, class_labels, **net_kwargs):
+    def forward(self, x, sigma, class_labels, return_loss_terms=False, **net_kwargs):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in precond_coefficients(sigma, self.sigma_data))
+        if return_loss_terms and getattr(self.net, "shapes_loss", False):  # only such methods take the flag
+            net_kwargs["return_loss_terms"] = True
         result = self.net((c_in * x).to(x.dtype), c_noise.flatten(), class_labels, **net_kwargs)
         out, extra = (result if isinstance(result, tuple) else (result, None))
         denoised = c_skip * x + c_out * _at_least_fp32(out)
-        return (denoised, extra) if extra is not None else denoised
+        return (denoised, extra) if extra is not None or return_loss_terms else denoised
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -67,14 +71,19 @@ def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, class_labels: torch.Tensor,
 
     ``route_aware`` (paper v1): the loss is taken only over pixels of tokens each route processed,
     averaged over routes; with no active route it is the plain loss. Off by default (v2/v3).
+    A method that shapes its loss (methods.registry.LossTerms: MaskDiT, drop) gets the weighted error and
+    the denoised image D(x_noisy) with the noisy input x_noisy (MaskDiT's MAE term compares the two).
     """
     sigma4 = sigma.reshape(-1, 1, 1, 1).to(x.device)
     x_noisy = x + noise.to(x.device) * sigma4
+    terms, masks = None, []
     if route_aware:
         denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels, return_token_masks=True)
     else:
-        denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels), []
+        denoised, terms = denoiser(x_noisy, sigma4.flatten(), class_labels, return_loss_terms=True)
     err = loss_weight(sigma4, denoiser.sigma_data) * (_at_least_fp32(denoised) - _at_least_fp32(x)) ** 2
+    if terms is not None:
+        return terms.apply(err, _at_least_fp32(denoised), x_noisy)
     return route_mean(err, masks)
 
 

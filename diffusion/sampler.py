@@ -1,7 +1,12 @@
-"""EDM Heun sampler (Karras et al. 2022, Algorithm 1, deterministic) with two kinds of guidance.
+"""EDM Heun sampler (Karras et al. 2022, Algorithm 1, deterministic) with three kinds of guidance.
 
 - classifier-free guidance: D = D(x|null) + s (D(x|y) - D(x|null)), the null label being index num_classes;
-- selection-rate guidance (TREAD): routing forced at two rates g1 < g2, D = D_g2 + s (D_g1 - D_g2).
+- selection-rate guidance (TREAD): routing forced at two rates g1 < g2, D = D_g2 + s (D_g1 - D_g2);
+- classifier-free guidance with the unconditional evaluation forced at ``uncond_rate``:
+  D = D(x|null; uncond_rate) + s (D(x|y) - D(x|null; uncond_rate)). For SPRINT, uncond_rate 1.0 drops the
+  whole sparse path of the unconditional branch: that is its path-drop guidance (official ``forward_pdg``:
+  conditional half dense, null-label half with mask tokens for the sparse path, combined as CFG).
+The sampler reaches a method only through ``force_rate``; what a rate means is the method's business.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ class SamplerConfig:
     cfg_scale: float = 1.0            # 1 = no classifier-free guidance
     rate_guidance: Optional[tuple] = None  # (g1, g2, scale) for selection-rate guidance
     route_rate: Optional[float] = None     # force routing at this rate for every evaluation
+    uncond_rate: Optional[float] = None    # force this rate on CFG's unconditional evaluation only (PDG: 1.0)
 
 
 def sigma_steps(cfg: SamplerConfig, device=None) -> torch.Tensor:
@@ -44,6 +50,11 @@ def guided_denoise(denoiser, x, sigma, labels, cfg: SamplerConfig, null_label: i
     kwargs = {} if cfg.route_rate is None else {"force_rate": cfg.route_rate}
     if cfg.cfg_scale == 1.0:
         return denoiser(x32, sigma, labels, **kwargs).double()
+    if cfg.uncond_rate is not None:  # the branches run at different rates, so they cannot share one batch
+        cond = denoiser(x32, sigma, labels, **kwargs).double()
+        null = torch.full_like(labels, null_label)
+        uncond = denoiser(x32, sigma, null, force_rate=cfg.uncond_rate).double()
+        return uncond + cfg.cfg_scale * (cond - uncond)
     both = denoiser(torch.cat([x32, x32]), sigma, torch.cat([labels, torch.full_like(labels, null_label)]), **kwargs)
     cond, uncond = both.double().chunk(2)
     return uncond + cfg.cfg_scale * (cond - uncond)

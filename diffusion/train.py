@@ -6,6 +6,12 @@ noise levels, noise, token selection) is made for the GLOBAL batch from CPU gene
 process takes its slice. One process and N processes therefore see the same batch and the same
 routing; only float reduction order differs.
 
+Schedules (methods/schedule.py): a run may change its method's settings at given steps (``schedule``, e.g.
+MaskDiT's unmasked fine-tune). The trainer calls ``net.apply_settings`` through the Method interface when a
+stage begins and, after a resume, for every stage the checkpoint's step has passed: the settings are a function
+of the step, so a resumed run trains exactly as the uninterrupted one. Only the trained network changes; the EMA
+copy is evaluated unreduced, where these settings are not read.
+
 Out-of-core data (latents, data/latents.py): the images of a step are read by DataLoader workers
 (``loader_workers``; pinned memory on CUDA) while the model trains on the previous steps. The draws are
 still made in the training process, in step order, from the same generator: the DataLoader's batch sampler
@@ -79,11 +85,12 @@ def build_denoiser(backbone: str, size: str, data_shape, num_classes: int, route
 
 class Trainer:
     """Trains one model (``objective.wrap(method network)``) on one ImageSet; ``run_dir`` holds its checkpoint
-    and stats. ``objective`` defaults to EDM."""
+    and stats. ``objective`` defaults to EDM. ``schedule``: the method's stages (methods.parse_schedule's
+    input: ``[{step, <settings>}, ...]``, or Stages), applied as training reaches them."""
 
     def __init__(self, denoiser, data, cfg: TrainConfig, run_dir: str | Path,
                  accelerator: Optional[Accelerator] = None, config_snapshot: Optional[dict] = None,
-                 objective=None):
+                 objective=None, schedule=None):
         if objective is None:
             from objectives import build_objective
 
@@ -121,6 +128,11 @@ class Trainer:
         self._loader = None             # iterator over batches read by DataLoader workers (out-of-core data)
         self._queued: deque = deque()   # (generator state before, draws) of steps the loader asked for
         self.tracker = None  # live tracking (runner/tracking.py): an object with log(values, step), or None
+        from methods import Stage, parse_schedule
+
+        self.stages = (list(schedule) if schedule and all(isinstance(s, Stage) for s in schedule)
+                       else parse_schedule(schedule, "schedule"))
+        self.stages_begun = 0  # stages applied to the network so far (the settings are a function of the step)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -161,7 +173,23 @@ class Trainer:
         self.stats, self.evals, self.window = state["stats"], state.get("evals", []), state.get("window", [])
         if self.acc.is_main_process:  # drop lines logged after the checkpoint by the interrupted run
             atomic_write_text(self.run_dir / "stats.jsonl", "".join(json.dumps(r) + "\n" for r in self.stats))
+        self.begin_stages()  # a resume past a stage's first step: the settings the uninterrupted run has now
         return True
+
+    def begin_stages(self) -> None:
+        """Apply (Method.apply_settings) every stage of the schedule that has begun by ``self.step`` and is not
+        applied yet; called before each step and after a resume."""
+        from methods import apply_stages, stage_index
+
+        reached = stage_index(self.stages, self.step)
+        if reached <= self.stages_begun:
+            return
+        for i in range(self.stages_begun, reached):
+            if self.acc.is_main_process:
+                settings = ", ".join(f"{k}={v}" for k, v in self.stages[i].settings.items())
+                tqdm.write(f"[{self.run_dir.name}] stage {i + 1} of {len(self.stages)} from step "
+                           f"{self.stages[i].step}: {settings}")
+        self.stages_begun = apply_stages(self.raw.net, self.stages, self.stages_begun, reached)
 
     # -- one step ----------------------------------------------------------------------------
     def _draw(self):
@@ -266,6 +294,7 @@ class Trainer:
         measured_time, measured_steps = 0.0, 0
         mark = (self.step, self.elapsed)  # the previous log line: samples/s over the steps since
         while self.step < cfg.steps:
+            self.begin_stages()  # off the clock: a stage's first step (a no-op between boundaries)
             t0 = time.perf_counter()
             loss = self.train_step()
             dt = time.perf_counter() - t0

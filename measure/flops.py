@@ -344,7 +344,7 @@ def flops_row(net: nn.Module, input_size: int, in_channels: int, num_classes: in
         raise RuntimeError(f"{type(net).__name__} declares tokens per block {declared}, but its blocks received "
                            f"{routed['tokens_per_block']}; fix its tokens_per_block")
     return {
-        "params": sum(p.numel() for p in net.backbone.parameters()),
+        "params": sum(p.numel() for p in net.parameters()),  # the method's own layers too (fusion, decoders)
         "tokens": net.backbone.num_tokens, "routes": net.describe(), "selection": net.selection,
         "tokens_per_block": _tokens_summary(declared),
         "gflops_fwd": full["fvcore_macs"] / 1e9, "gflops_fwd_routed": routed["fvcore_macs"] / 1e9,

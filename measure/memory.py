@@ -120,6 +120,17 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
+def rss_mib() -> float:
+    """This process's resident memory now, MiB."""
+    return _rss_mb()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB (VmHWM: since start, or since :func:`_reset_peak`). In a process
+    started for one run (runner/train.py's dry run), it is that run's peak."""
+    return _peak_mb()
+
+
 def _probe(spec: dict, batch: int, steps: int, queue) -> None:
     import copy
 

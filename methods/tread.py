@@ -9,22 +9,25 @@ from __future__ import annotations
 from typing import List, Optional
 
 from routing import RoutedNetwork, Route
+from routing.routes import parse_routes, validate_routes
 
-from .registry import Method, register_method
+from .registry import SeededMethod, register_method
 
 
 @register_method("tread")
-class TREAD(RoutedNetwork, Method):
+class TREAD(RoutedNetwork, SeededMethod):
     """Routes r(i->j)@rate: blocks i..j see a random (or row-wise) subset of the tokens while training."""
 
-    def rng_state(self):
-        return self.generator.get_state()
+    #: a schedule may change the routes (another rate, other blocks, or [] for unrouted training)
+    schedulable = ("routes",)
 
-    def set_rng_state(self, state) -> None:
-        self.generator.set_state(state)
-
-    def set_shard(self, rank: int, world: int) -> None:
-        self.shard = (rank, world)
+    def apply_settings(self, **settings) -> None:
+        self.refuse_unschedulable(settings)
+        if "routes" in settings:
+            bb = self.backbone
+            routes = parse_routes(settings["routes"], bb.depth)  # as the constructor checks them
+            validate_routes(routes, bb.depth, bb.num_tokens)
+            self.routes = routes
 
     def describe(self) -> str:
         return " ".join(map(str, self.routes)) or "none"
@@ -33,8 +36,9 @@ class TREAD(RoutedNetwork, Method):
         bb = self.backbone
         (rows, cols), n = bb.grid_size, bb.num_tokens
         tokens = [n] * bb.depth
-        for r in self.routes:
-            rate = r.rate if force_rate is None else float(force_rate)
+        # a forced rate goes through active_routes, which refuses one the routes cannot run (no routes, >= 1)
+        for r in self.routes if force_rate is None else self.active_routes(force_rate):
+            rate = r.rate
             kept = (rows - int(rows * rate)) * cols if self.selection == "rows" else n - int(n * rate)
             tokens[r.start:r.end + 1] = [kept] * (r.end + 1 - r.start)
         return tokens

@@ -35,14 +35,16 @@ class VelocityModel(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x, t, class_labels, **net_kwargs):
+    def forward(self, x, t, class_labels, return_loss_terms=False, **net_kwargs):
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
+        if return_loss_terms and getattr(self.net, "shapes_loss", False):  # only such methods take the flag
+            net_kwargs["return_loss_terms"] = True
         result = self.net(x, t, class_labels, **net_kwargs)
         out, extra = (result if isinstance(result, tuple) else (result, None))
         out = _at_least_fp32(out)
-        return (out, extra) if extra is not None else out
+        return (out, extra) if extra is not None or return_loss_terms else out
 
 
 @register_objective("flow")
@@ -65,12 +67,16 @@ class Flow(Objective):
         t4 = draws["t"].reshape(-1, 1, 1, 1).to(x.device)
         noise = draws["noise"].to(x.device)
         x_t = (1 - t4) * x + t4 * noise
+        terms, masks = None, []
         if route_aware:
             velocity, masks = model(x_t, t4.flatten(), labels, return_token_masks=True)
-        else:
-            velocity, masks = model(x_t, t4.flatten(), labels), []
+        else:  # a method that shapes its loss (MaskDiT, drop) returns its LossTerms
+            velocity, terms = model(x_t, t4.flatten(), labels, return_loss_terms=True)
         target = _at_least_fp32(noise) - _at_least_fp32(x)
-        return route_mean((_at_least_fp32(velocity) - target) ** 2, masks)
+        err = (_at_least_fp32(velocity) - target) ** 2
+        if terms is not None:  # the prediction is the velocity, the network input x_t (MaskDiT's MAE pair)
+            return terms.apply(err, _at_least_fp32(velocity), x_t)
+        return route_mean(err, masks)
 
     def eval_levels(self, count):
         return (torch.arange(count, dtype=torch.float64) + 0.5) / count  # mid-quantiles of U[0, 1]

@@ -37,7 +37,10 @@ class Objective:
 
     def loss(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, draws: Dict[str, torch.Tensor],
              route_aware: bool = False) -> torch.Tensor:
-        """Per-sample loss, shape (B,)."""
+        """Per-sample loss, shape (B,). The model is called with ``return_loss_terms=True`` (or, when
+        ``route_aware``, ``return_token_masks=True``): a method that shapes its loss returns a
+        methods.registry.LossTerms, applied as ``terms.apply(err, prediction, noisy)`` to the objective's
+        per-pixel error, its prediction and the noisy network input; otherwise the loss is the plain mean."""
         raise NotImplementedError
 
     def eval_levels(self, count: int) -> torch.Tensor:

@@ -1,9 +1,16 @@
-"""The guidance kind: one TREAD model sampled unguided, with classifier-free guidance and with
-selection-rate guidance at equal sampler steps; FID and sampling cost per image for each mode.
+"""The guidance kind: each method entry of the suite trained once, then sampled in every sampling mode that
+applies to it at equal sampler steps; FID and sampling cost per image for each (method, mode).
+
+Modes (``suite.sampling``, each an EvalConfig fragment) apply to every method unless they name the method
+kinds they are for (``kinds: [tread]``): selection-rate guidance needs routes to force, path-drop guidance
+(``{cfg_scale: s, uncond_rate: 1.0, kinds: [sprint]}``) needs a sparse path to drop. The default suite trains
+TREAD; ``'+suite.methods.sprint={kind: sprint}'`` adds a SPRINT model (its pdg mode then applies), and
+``'~suite.methods.tread'`` leaves SPRINT alone.
 
 Sampling cost per image = network evaluations (the objective's sampler: EDM Heun 2 * steps - 1, flow Heun
-2 * steps, flow Euler steps) x MACs of the passes per evaluation: one full pass (unguided), two full passes (CFG), or one routed pass at g1 plus one at g2
-(selection-rate guidance), each counted by measure/flops.py with routing forced at that rate.
+2 * steps, flow Euler steps) x MACs of the passes per evaluation: one full pass (unguided), two full passes
+(CFG), one full pass plus one at ``uncond_rate`` (CFG with a forced unconditional branch: PDG), or one pass at
+g1 plus one at g2 (selection-rate guidance), each counted by measure/flops.py at that forced rate.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from core.errors import ConfigError
 from core.io import atomic_write_text
 from diffusion.checkpoint import CHECKPOINT_PATHS
 from measure.results import environment
@@ -20,7 +28,7 @@ from objectives import build_objective
 
 from .measure import write_table
 from .resume import prepare_run_dir
-from .spec import config_hash, expand_runs, pick_device, validate_run
+from .spec import config_hash, expand_runs, pick_device, suite_seeds, validate_run
 from .train import fid_reference, train_one
 
 
@@ -32,46 +40,98 @@ def pass_macs(net, data_shape, num_classes: int, force_rate=None) -> float:
     return count_forward_macs(net, h, c, num_classes, force_rate=force_rate, routed=routed)["torch_macs"]
 
 
+def modes_for(sampling, kind: str) -> dict:
+    """{mode: EvalConfig keys} of the modes that apply to a method of ``kind`` (``kinds`` removed)."""
+    modes = {}
+    for mode, spec in sampling.items():
+        spec = dict(spec or {})
+        kinds = spec.pop("kinds", None)
+        if kinds is None or kind in kinds:
+            modes[mode] = spec
+    return modes
+
+
+def forced_rates(spec) -> list:
+    """The rates a sampling mode forces on the network (each must be one the method can run)."""
+    g = spec.get("rate_guidance")
+    return [r for r in ([*g[:2]] if g else []) + [spec.get("uncond_rate")] if r is not None]
+
+
+def _check_modes(run, net, modes: dict) -> None:
+    """Before training: some mode must apply to the method, and the method must accept every forced rate
+    (Method.tokens_per_block refuses one it cannot run, with its own one-line ConfigError)."""
+    if not modes:
+        raise ConfigError(f"no mode of suite.sampling applies to method {run.method} (kind {run.kind}); add one "
+                          f"without 'kinds' (e.g. unguided: {{}}) or remove suite.methods.{run.method}")
+    for mode, spec in modes.items():
+        for rate in forced_rates(spec):
+            try:
+                net.tokens_per_block(force_rate=rate)
+            except ConfigError as err:
+                raise ConfigError(f"suite.sampling.{mode} forces rate {rate:g} on method {run.method}: {err}") from None
+
+
+def sampling_macs(net, data_shape, num_classes: int, ev, full: float) -> float:
+    """MACs of one guided evaluation in mode ``ev`` (an EvalConfig); ``full`` is one unreduced pass."""
+    if ev.rate_guidance:
+        g1, g2, _ = ev.rate_guidance
+        per_eval = pass_macs(net, data_shape, num_classes, g1)
+        return per_eval + (0 if g1 == g2 else pass_macs(net, data_shape, num_classes, g2))
+    if ev.cfg_scale == 1.0:
+        return full
+    if ev.uncond_rate is not None:
+        return full + pass_macs(net, data_shape, num_classes, ev.uncond_rate)
+    return 2 * full
+
+
 def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
     from data import load_dataset
     from measure.evaluate import EvalConfig, FIDEvaluator
 
     data = load_dataset(suite.data.name, suite.data.resolution, limit=suite.data.get("limit"),
                         **(suite.data.get("kwargs") or {}))
-    (run,) = [r for r in expand_runs(suite, cfg.scale) if r.method == "tread"]
-    run.selection = validate_run(run, data.shape, data.num_classes).net.selection
+    runs = expand_runs(suite, cfg.scale)
+    run_modes = []
+    for run in runs:  # every run and mode is checked before anything trains
+        net = validate_run(run, data.shape, data.num_classes).net
+        run.selection = net.selection
+        modes = modes_for(suite.sampling, run.kind)
+        _check_modes(run, net, modes)
+        run_modes.append(modes)
     device = pick_device(cfg.device)
     base_eval = OmegaConf.to_container(suite.eval)
     reference = fid_reference(suite, EvalConfig(**base_eval))  # checked before training starts
     train_suite = OmegaConf.merge(suite, {"eval": {"samples": 0, "every": 0}})
-    snapshot = {"suite": OmegaConf.to_container(train_suite, resolve=True), "run": asdict(run)}
-    run_dir = Path(cfg.runs_dir) / suite.name / cfg.scale.name / run.run_id
-    # resume only a checkpoint of this configuration (as the train kind does)
-    prepare_run_dir(run_dir, config_hash(snapshot), cfg.force, (*CHECKPOINT_PATHS, "stats.jsonl", "guidance.json"))
-    summary, trainer = train_one(run, train_suite, data, run_dir, device, snapshot, cfg.get("tracker", "none"))
-    den = trainer.ema_denoiser
-    objective = build_objective(**run.objective)
-    steps = int(base_eval["sampler_steps"])
-    nfe = objective.nfe(steps)
-    full = pass_macs(den.net, data.shape, data.num_classes)
     rows = []
-    for mode, spec in suite.sampling.items():
-        spec = dict(spec or {})
-        ev = EvalConfig(**{**base_eval, **spec})
-        if ev.rate_guidance:
-            g1, g2, _ = ev.rate_guidance
-            per_eval = pass_macs(den.net, data.shape, data.num_classes, g1)
-            per_eval += 0 if g1 == g2 else pass_macs(den.net, data.shape, data.num_classes, g2)
-        else:
-            per_eval = full * (2 if ev.cfg_scale != 1.0 else 1)
-        metrics = FIDEvaluator(ev, *reference, data.num_classes, objective)(den, data.shape, device)
-        row = {"suite": suite.name, "scale": cfg.scale.name, "backbone": run.backbone, "size": run.size,
-               "routes": run.routes_str(), "train_steps": summary["steps"], "mode": mode,
-               "nfe": nfe, "sampling_gflops_per_image": nfe * per_eval / 1e9,
-               "cost_vs_unguided": per_eval / full, **metrics, **environment(device),
-               "config_hash": config_hash(snapshot)}
-        print(f"{mode}: FID {row['fid']:.2f}, {row['sampling_gflops_per_image']:.2f} GFLOPs/image")
-        rows.append(row)
-    atomic_write_text(run_dir / "guidance.json", json.dumps(rows, indent=1, default=str))
-    return write_table(cfg, suite, rows, ["suite", "scale", "backbone", "size", "mode"],
-                       ["Same EMA model and sampler noise for every mode; GFLOPs in DiT's MAC convention."])
+    for run, modes in zip(runs, run_modes):
+        snapshot = {"suite": OmegaConf.to_container(train_suite, resolve=True), "run": asdict(run)}
+        # the run id, as before seeds and several methods were sampled (so earlier folders resume); with
+        # several seeds each seed needs its own folder
+        folder = run.dir_name if len(suite_seeds(suite)) > 1 else run.run_id
+        run_dir = Path(cfg.runs_dir) / suite.name / cfg.scale.name / folder
+        # resume only a checkpoint of this configuration (as the train kind does)
+        prepare_run_dir(run_dir, config_hash(snapshot), cfg.force,
+                        (*CHECKPOINT_PATHS, "stats.jsonl", "guidance.json"))
+        summary, trainer = train_one(run, train_suite, data, run_dir, device, snapshot, cfg.get("tracker", "none"))
+        den = trainer.ema_denoiser
+        objective = build_objective(**run.objective)
+        steps = int(base_eval["sampler_steps"])
+        nfe = objective.nfe(steps)
+        full = pass_macs(den.net, data.shape, data.num_classes)
+        run_rows = []
+        for mode, spec in modes.items():
+            ev = EvalConfig(**{**base_eval, **spec})
+            per_eval = sampling_macs(den.net, data.shape, data.num_classes, ev, full)
+            metrics = FIDEvaluator(ev, *reference, data.num_classes, objective)(den, data.shape, device)
+            row = {"suite": suite.name, "scale": cfg.scale.name, "backbone": run.backbone, "size": run.size,
+                   "method": run.method, "seed": run.seed, "routes": run.routes_str(),
+                   "train_steps": summary["steps"], "mode": mode, "nfe": nfe,
+                   "sampling_gflops_per_image": nfe * per_eval / 1e9, "cost_vs_unguided": per_eval / full,
+                   **metrics, **environment(device), "config_hash": config_hash(snapshot)}
+            print(f"{run.method} {mode}: FID {row['fid']:.2f}, {row['sampling_gflops_per_image']:.2f} GFLOPs/image")
+            run_rows.append(row)
+        atomic_write_text(run_dir / "guidance.json", json.dumps(run_rows, indent=1, default=str))
+        rows += run_rows
+    return write_table(cfg, suite, rows, ["suite", "scale", "backbone", "size", "method", "seed", "mode"],
+                       ["Same sampler noise for every mode; each method's EMA model; GFLOPs in DiT's MAC "
+                        "convention; cost_vs_unguided = MACs per evaluation / one unreduced pass."])

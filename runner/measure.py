@@ -32,8 +32,13 @@ def run_flops_suite(cfg: DictConfig, suite: DictConfig) -> int:
         print(f"{run.backbone} {run.size} {run.method}: {row['gflops_fwd']:.2f} -> {row['gflops_fwd_routed']:.2f} "
               f"GFLOPs (x{row['ratio']:.2f}; counters differ by {100 * row['counter_rel_diff']:.2f}%)")
         rows.append(row)
+    baseline = {(r["backbone"], r["size"]): r["gflops_train"] for r in rows if r["method"] == "baseline"}
+    for row in rows:  # with a method named baseline: its training FLOPs per image / the method's (a speedup)
+        base = baseline.get((row["backbone"], row["size"]))
+        row["flop_ratio_vs_baseline"] = base / row["gflops_train"] if base else None
     return write_table(cfg, suite, rows, ["suite", "scale", "backbone", "size", "method"],
-                        ["FLOPs: " + rows[0]["convention"] if rows else ""])
+                        ["FLOPs: " + rows[0]["convention"] if rows else "",
+                         "A scheduled method (suite entry `schedule`) is counted at its entry's own settings."])
 
 
 def run_throughput_suite(cfg: DictConfig, suite: DictConfig) -> int:

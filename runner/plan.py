@@ -7,7 +7,9 @@ runner.spec.build_run_network, as training builds it):
 * training GFLOPs per image: the tables' convention (measure/flops.py, DiT's: 1 multiply-add = 1 FLOP,
   training = 3 x the forward of the network as it trains, so routed for TREAD); the torch counter on the meta
   device, which is instant (the flops suite's fvcore count differs by LayerNorm, < 0.2%).
-* total training FLOPs = steps x global batch x training GFLOPs per image (same convention).
+* total training FLOPs = steps x global batch x training GFLOPs per image (same convention); for a run with a
+  schedule (methods/schedule.py), the sum over its stages, and the per-image column is the mean over the run;
+  memory is the largest over the stages (a dense fine-tune needs more than the sparse pre-training).
 * predicted GPU-hours on each GPU of :data:`GPUS` at model FLOPs utilisation ``plan_mfu``: a GPU executes 2
   FLOPs per multiply-add, so hours = 2 x total (MACs) / (peak FLOP/s x MFU) / 3600. The peaks are the
   vendors' dense bf16 tensor-core figures (SXM parts; no sparsity).
@@ -30,7 +32,7 @@ from core.errors import ConfigError
 from core.io import atomic_write
 from measure.results import write_markdown
 
-from .spec import build_run_network, expand_runs, validate_run
+from .spec import build_run_network, expand_runs, run_stages, validate_run
 
 #: dense bf16 tensor-core peak, FLOP/s (no sparsity): H100 SXM 989.4 TFLOP/s, A100 SXM 312 TFLOP/s
 GPUS = {"H100": 989e12, "A100": 312e12}
@@ -58,6 +60,7 @@ def plan_row(run, suite: DictConfig, shape, num_classes: int, gpus: int, mfu: fl
     """One run's plan (see the module docstring)."""
     from measure.flops import _Mode, example_inputs, torch_macs
     from measure.memory import estimate_training_memory
+    from methods import cumulative_cost, stage_starts
 
     train = suite.train
     steps, global_batch = int(train.steps), int(train.global_batch)
@@ -69,16 +72,24 @@ def plan_row(run, suite: DictConfig, shape, num_classes: int, gpus: int, mfu: fl
     precision = "bf16" if precision == "auto" else precision  # the plan is for GPUs: auto = bf16 there
     with torch.device("meta"):
         net = build_run_network(run, shape, num_classes)
-    with _Mode(net, routed=True, force_rate=None) as kwargs:
-        fwd = torch_macs(net, example_inputs(shape[1], shape[0], num_classes, "meta"), kwargs)
-    if fwd["tokens_per_block"] != net.tokens_per_block():
-        raise RuntimeError(f"{type(net).__name__} declares tokens per block {net.tokens_per_block()}, but its blocks "
-                           f"received {fwd['tokens_per_block']}; fix its tokens_per_block")
-    train_macs = 3 * fwd["macs"]
-    total_macs = steps * global_batch * train_macs
-    params = sum(p.numel() for p in net.backbone.parameters())
-    memory = estimate_training_memory(net, shape, num_classes, per_gpu, precision,
-                                      params=sum(p.numel() for p in net.parameters()))
+    params = sum(p.numel() for p in net.parameters())  # with the method's own layers (fusion, decoders)
+    stages = run_stages(run)
+    stage_macs, memory = [], None
+    for i in range(len(stages) + 1):  # a schedule: each stage's network as it trains (Method.apply_settings)
+        if i:
+            net.apply_settings(**stages[i - 1].settings)
+        with _Mode(net, routed=True, force_rate=None) as kwargs:
+            fwd = torch_macs(net, example_inputs(shape[1], shape[0], num_classes, "meta"), kwargs)
+        if fwd["tokens_per_block"] != net.tokens_per_block():
+            raise RuntimeError(f"{type(net).__name__} declares tokens per block {net.tokens_per_block()}, but its "
+                               f"blocks received {fwd['tokens_per_block']}; fix its tokens_per_block")
+        stage_macs.append(3 * fwd["macs"])
+        estimate = estimate_training_memory(net, shape, num_classes, per_gpu, precision, params=params)
+        if memory is None or estimate["total"] > memory["total"]:
+            memory = estimate  # the stage that needs the most (a dense fine-tune, after a sparse pre-training)
+    # total = sum over stages of steps x global batch x training MACs per image; per image: its mean over the run
+    total_macs = cumulative_cost(steps, stage_starts(stages), stage_macs, units_per_step=global_batch)
+    train_macs = total_macs / (steps * global_batch) if stages else stage_macs[0]
     row = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "seed": run.seed, "backbone": run.backbone,
            "size": run.size, "method": run.method, "routes": run.routes_str(), "params": params,
            "train_gflops_per_image": train_macs / 1e9, "steps": steps, "global_batch": global_batch,

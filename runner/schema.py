@@ -13,8 +13,8 @@ Checks that need a built network (a route beyond the depth, an input size the pa
 divide, an unknown backbone) stay where the network is built, ``runner.spec.validate_run``, which also
 runs before any training.
 
-Escape hatches for plug-ins: a method entry's keys other than ``kind`` and ``backbones`` are that method's
-own arguments (checked against its factory's signature when it is registered); ``suite.objective`` is
+Escape hatches for plug-ins: a method entry's keys other than ``kind``, ``backbones`` and ``schedule`` are that
+method's own arguments (checked against its factory's signature when it is registered); ``suite.objective`` is
 passed to the objective as written; a suite kind that is not built in keeps its own extra keys.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -60,6 +61,7 @@ class SuiteSchema:
     seed: int = 0
     seeds: Optional[List[int]] = None
     jobs: int = 1
+    dryrun: bool = False     # scale=dryrun sets it: each run in a fresh process, peak memory to results/dryrun.csv
     selection: str = "auto"
     backbones: List[Any] = field(default_factory=list)        # entries checked against BackboneSchema
     methods: Dict[str, Any] = field(default_factory=dict)   # entries checked by check_method
@@ -75,6 +77,8 @@ class SuiteSchema:
     baseline: Optional[str] = None
 
 
+#: the suites with a dry-run configuration (suites/suite_scale/<suite>_dryrun.yaml)
+DRYRUN_SUITES = ("dit_scaling", "arch_agnostic", "selection_rate", "route_ablation", "guidance")
 #: keys only suites of one kind read (a suite of another kind is refused them)
 KIND_KEYS = {"flops": {"published"}, "guidance": {"sampling"},
              "throughput": {"batch", "warmup", "rounds", "precision", "cpu_peak_rss", "baseline"}}
@@ -109,6 +113,8 @@ RULES: Dict[tuple, tuple] = {
     ("eval", "batch"): (_positive, "> 0"),
     ("eval", "sampler_steps"): (_positive, "> 0"),
     ("eval", "rate_guidance"): (lambda g: len(g) == 3, "three numbers [g1, g2, scale] (or null)"),
+    ("eval", "uncond_rate"): (lambda r: 0 <= r <= 1, "in [0, 1] (the rate forced on classifier-free guidance's "
+                              "unconditional branch; 1.0 with SPRINT is path-drop guidance)"),
     ("eval", "reference_limit"): (_positive, "> 0 (or null: the whole split)"),
     ("eval", "vae_batch"): (_positive, "> 0"),
     ("eval", "fid_at"): (_one_of("every", "final"), "every or final"),
@@ -219,10 +225,12 @@ def check_section(path: str, section: str, value: Mapping, schema: type) -> Dict
     return typed
 
 
-def check_method(name: str, entry) -> None:
+def check_method(name: str, entry, steps: Optional[int] = None) -> None:
     """One entry of suite.methods: null (removed by a scale), or ``{kind: <method kind> (default tread),
-    backbones: [names] (optional filter), <the kind's own arguments>}``. TREAD's arguments are ``routes``
-    (a list; each route a mapping or the paper's notation, "2->8@0.5") and ``selection``."""
+    backbones: [names] (optional filter), schedule: [{step, <settings>}] (optional; methods/schedule.py),
+    <the kind's own arguments>}``. TREAD's arguments are ``routes`` (a list; each route a mapping or the paper's
+    notation, "2->8@0.5") and ``selection``. ``steps``: the suite's training steps (schedule steps must be below)."""
+    from methods import parse_schedule
     from routing.routes import route_fields, show_route
 
     path = f"suite.methods.{name}"
@@ -236,13 +244,15 @@ def check_method(name: str, entry) -> None:
     only = entry.get("backbones")
     if only is not None and (not isinstance(only, (list, tuple)) or not all(isinstance(b, str) for b in only)):
         raise ConfigError(f"{path}.backbones must be a list of backbone names, e.g. [dit], got {only!r}")
-    args = {k: v for k, v in entry.items() if k not in ("kind", "backbones")}
+    args = {k: v for k, v in entry.items() if k not in ("kind", "backbones", "schedule")}
     accepted = _method_arguments(kind)
     if accepted is not None:
         for key in args:
             if key not in accepted:
+                keys = ['kind', 'backbones', *accepted, 'schedule']
                 raise ConfigError(f"unknown key '{path}.{key}' for a method of kind {kind}; "
-                                  f"{_suggest(key, accepted)}its keys are: {', '.join(['kind', 'backbones', *accepted])}")
+                                  f"{_suggest(key, keys)}its keys are: {', '.join(keys)}")
+    parse_schedule(entry.get("schedule"), f"{path}.schedule", kind, steps)  # values: by the method, at validate_run
     if kind == "tread":
         routes = args.get("routes")
         if routes is not None and not isinstance(routes, (list, tuple)):
@@ -280,8 +290,19 @@ def _method_arguments(kind: str) -> Optional[List[str]]:
     return [n for n, p in params.items() if n not in run_level and p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
 
+def root_keys() -> List[str]:
+    """The top-level keys a composed configuration may have: suites/config.yaml's own, the suite, the scale."""
+    own = OmegaConf.load(Path(__file__).resolve().parent.parent / "suites" / "config.yaml")
+    return ["suite", "scale"] + [k for k in own if k not in ("defaults", "hydra")]
+
+
 def check_root(cfg: DictConfig) -> None:
-    """The keys of config.yaml besides the suite: types and values."""
+    """The keys of config.yaml besides the suite: names, types and values."""
+    known = root_keys()
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"unknown top-level key '{key}'; {_suggest(key, known)}the top-level keys are: "
+                              f"{', '.join(known)}")
     device = cfg.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device = {device}: must be auto, cpu or cuda")
@@ -306,8 +327,8 @@ def check_root(cfg: DictConfig) -> None:
     if only is not None and not isinstance(only, str):
         raise ConfigError(f"only = {only!r}: must be a substring of run names, in quotes: only='{only}'")
     scale = cfg.get("scale") or {}
-    if scale.get("name") not in ("full", "cpu", "tiny", "auto"):
-        raise ConfigError(f"scale = {scale.get('name')}: must be auto, full, cpu or tiny")
+    if scale.get("name") not in ("full", "cpu", "tiny", "auto", "dryrun"):
+        raise ConfigError(f"scale = {scale.get('name')}: must be auto, full, cpu, tiny or dryrun")
 
 
 def validate_suite(cfg: DictConfig, kinds: Optional[Mapping[str, Callable]] = None) -> Dict[str, DictConfig]:
@@ -355,8 +376,9 @@ def validate_suite(cfg: DictConfig, kinds: Optional[Mapping[str, Callable]] = No
         raise ConfigError(f"suite {suite['name']}: suite.backbones is empty; list at least one, e.g. "
                           "[{name: dit, size: S/2}]")
     methods = suite.get("methods") or {}
+    steps = (suite.get("train") or {}).get("steps")
     for name, entry in methods.items():
-        check_method(str(name), entry)
+        check_method(str(name), entry, steps if isinstance(steps, int) and not isinstance(steps, bool) else None)
     if built_in and not any(e is not None for e in methods.values()):
         raise ConfigError(f"suite {suite['name']}: suite.methods is empty; add one, e.g. baseline: {{routes: []}}")
     _check_objective(suite.get("objective"))
@@ -370,10 +392,14 @@ def validate_suite(cfg: DictConfig, kinds: Optional[Mapping[str, Callable]] = No
                               f"{', '.join(m for m, e in methods.items() if e is not None)}")
     if kind == "guidance":
         _check_guidance(suite, sections["eval"])
+    _check_uncond_rate("suite.eval", suite.get("eval") or {})
     if kind in ("train", "guidance") and not cfg.get("plan") and not cfg.get("report"):
         from runner.tracking import check_tracker
 
         check_tracker(cfg.get("tracker", "none"))  # its package installed: refused before any training
+    if (cfg.get("scale") or {}).get("name") == "dryrun" and not suite.get("dryrun"):
+        raise ConfigError(f"scale=dryrun runs the paper suites ({', '.join(DRYRUN_SUITES)}); suite {suite['name']} "
+                          f"has no suites/suite_scale/{suite['name']}_dryrun.yaml (one line: defaults: [common_dryrun])")
     if cfg.get("plan") and (suite.get("train") is None or not suite.get("backbones")):
         raise ConfigError(f"plan=true plans suites that train; suite {suite['name']} (kind {kind}) trains nothing")
     return typed
@@ -384,14 +410,36 @@ def _other_kinds_keys(kind: str) -> set:
 
 
 def _check_guidance(suite: dict, eval_schema: type) -> None:
+    """suite.sampling: {mode: EvalConfig keys, plus optional ``kinds: [method kinds]`` the mode applies to}.
+    Which modes apply to which method entry is checked by the guidance kind before it trains."""
+    from methods import list_methods
+
     sampling = suite.get("sampling")
     if not sampling:
         raise ConfigError("suite.sampling is empty; a guidance suite names its sampling modes, e.g. "
                           "{unguided: {}, cfg: {cfg_scale: 1.5}}")
     for mode, spec in sampling.items():
-        check_section(f"suite.sampling.{mode}", "eval", spec or {}, eval_schema)
-    if (suite.get("methods") or {}).get("tread") is None:
-        raise ConfigError("a guidance suite samples its method 'tread'; suite.methods.tread is missing")
+        spec = dict(spec or {})
+        kinds = spec.pop("kinds", None)
+        if kinds is not None and (not isinstance(kinds, (list, tuple)) or not kinds
+                                  or any(k not in list_methods() for k in kinds)):
+            raise ConfigError(f"suite.sampling.{mode}.kinds = {kinds!r}: must be a non-empty list of method kinds "
+                              f"(the kinds the mode applies to), from: {', '.join(list_methods())}")
+        check_section(f"suite.sampling.{mode}", "eval", spec, eval_schema)
+        _check_uncond_rate(f"suite.sampling.{mode}", spec)
+
+
+def _check_uncond_rate(path: str, spec: Mapping) -> None:
+    """uncond_rate forces the rate of CFG's unconditional branch: meaningless without CFG, and selection-rate
+    guidance (which replaces CFG) would silently ignore it."""
+    if spec.get("uncond_rate") is None:
+        return
+    if spec.get("rate_guidance"):
+        raise ConfigError(f"{path}: uncond_rate (CFG's unconditional branch) and rate_guidance exclude each other; "
+                          "keep one")
+    if spec.get("cfg_scale", 1.0) == 1.0:
+        raise ConfigError(f"{path}.uncond_rate forces the rate of classifier-free guidance's unconditional branch; "
+                          "set cfg_scale != 1 beside it, e.g. {cfg_scale: 1.5, uncond_rate: 1.0}")
 
 
 def _check_objective(objective) -> None:
@@ -406,3 +454,58 @@ def _check_objective(objective) -> None:
     except ImportError:
         return
     build_objective(**objective)   # unknown names and arguments are ConfigErrors
+
+
+# ------------------------------------------------------------------------------------------------
+# Before Hydra: command-line overrides that Hydra itself would refuse with a multi-line message
+# ------------------------------------------------------------------------------------------------
+def _override_errors(overrides: List[str], config_dir: str) -> Optional[str]:
+    """Compose ``overrides`` as Hydra will; for the two mistakes Hydra reports in several lines (a key the
+    config does not have, written without ``+``; a suite, scale or objective that does not exist), the one
+    line that says what to change. None when composition succeeds or fails in any other way (Hydra then
+    reports it as usual: sweeps, syntax)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        try:
+            compose("config", overrides=overrides)
+            return None
+        except MissingConfigException as err:
+            pairs = [(o.split("=", 1)[0].lstrip("+~"), o.split("=", 1)[1]) for o in overrides if "=" in o]
+            missing = [(g, v) for g, v in pairs if f"'{g}/{v}'" in str(err)]
+            if not missing:
+                return None
+            group, value = missing[-1]
+            options = sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+            return (f"unknown {group} '{value}'; {_suggest(value, options)}choose one of {', '.join(options)}")
+        except ConfigCompositionException as err:
+            cause = err.__cause__
+            if not isinstance(cause, ConfigKeyError) and "not in struct" not in str(cause):
+                return None
+            full_key = getattr(cause, "full_key", None) or str(cause).split("full_key:")[-1].split()[0]
+            # the missing key may be an intermediate one: `suite.trian.steps=3` lacks `suite.trian`
+            written = next((o for o in overrides if o.split("=", 1)[0] == full_key
+                            or o.split("=", 1)[0].startswith(full_key + ".")), f"{full_key}=...")
+            parent, _, leaf = full_key.rpartition(".")
+            rest = [o for o in overrides if o != written]
+            try:
+                node = compose("config", overrides=rest)
+                known = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
+            except Exception:  # noqa: BLE001 - the suggestion is a courtesy; the message stands without it
+                known = []
+            where = (f"the keys of {parent or 'the top level'} are: {', '.join(map(str, known))}" if known
+                     else "check its spelling")
+            return (f"unknown key '{full_key}'; {_suggest(leaf, known)}{where} "
+                    f"(to add a key the config does not have, write +{written})")
+        except Exception:  # noqa: BLE001 - anything else is Hydra's to report
+            return None
+
+
+def check_command_line(argv: List[str], config_dir: str) -> Optional[str]:
+    """The one-line error for the command line ``argv`` (run_suite.py's arguments), or None. Multirun sweeps
+    and Hydra's own flags are left to Hydra."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith(("hydra.", "hydra/"))]
+    return _override_errors(overrides, config_dir)

@@ -66,6 +66,7 @@ class RunSpec:
     args: dict = field(default_factory=dict)  # the method's other arguments (all keys of its entry but kind,
                                               # backbones, and for TREAD routes/selection, which have fields)
     objective: dict = field(default_factory=lambda: dict(DEFAULT_OBJECTIVE))  # {name, ...} (objectives/)
+    schedule: list = field(default_factory=list)  # the entry's stages [{step, <settings>}] (methods/schedule.py)
 
     @property
     def run_id(self) -> str:
@@ -127,12 +128,14 @@ def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:
                 # a route in the paper's notation ("2->8@0.5") becomes a mapping; mappings stay as written
                 routes = [route_dict(r) if isinstance(r, str) else dict(r) for r in (spec.get("routes") or [])]
                 selection = spec.get("selection", entry.get("selection", suite.get("selection", "auto")))
-                args = {k: v for k, v in _plain(spec).items() if k not in ("kind", "backbones", "routes", "selection")}
+                args = {k: v for k, v in _plain(spec).items()
+                        if k not in ("kind", "backbones", "routes", "selection", "schedule")}
                 if kind != "tread":  # other kinds get exactly their entry's arguments
                     args.update({k: spec[k] for k in ("routes", "selection") if k in spec})
                     routes, selection = [], "none"
                 run = RunSpec(suite.name, scale.name, entry.name, size, method, routes, selection,
-                              dict(entry.get("overrides") or {}), seed, kind, args, objective)
+                              dict(entry.get("overrides") or {}), seed, kind, args, objective,
+                              list(_plain(spec).get("schedule") or []))
                 if (run.run_id, seed) not in seen:
                     seen.add((run.run_id, seed))
                     runs.append(run)
@@ -148,13 +151,22 @@ def build_run_network(run: RunSpec, data_shape, num_classes: int, seed: int = 0,
                          fp32_after_route=fp32_after_route, overrides=run.overrides, **run.method_args())
 
 
+def run_stages(run: RunSpec):
+    """The run's schedule as methods.Stage objects (checked; [] without a schedule)."""
+    from methods import parse_schedule
+
+    return parse_schedule(run.schedule, f"suite.methods.{run.method}.schedule", run.kind)
+
+
 def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def validate_run(run: RunSpec, data_shape, num_classes: int):
-    """Build the run's model on the meta device: checks backbone, size, shape, method and objective for free.
-    Returns ``objective.wrap(network)`` (its ``.net`` is the method network)."""
+    """Build the run's model on the meta device: checks backbone, size, shape, method and objective for free, and
+    the schedule's stages (applied in order to a second meta network). Returns ``objective.wrap(network)`` (its
+    ``.net`` is the method network, at the entry's own settings)."""
+    from methods import describe_schedule, parse_schedule
     from objectives import build_objective
 
     if run.backbone not in list_backbones():
@@ -164,13 +176,19 @@ def validate_run(run: RunSpec, data_shape, num_classes: int):
     with torch.device("meta"):
         model = objective.wrap(build_run_network(run, data_shape, num_classes))
     run.description = model.net.describe()  # not a dataclass field: stays out of asdict() and the config hash
+    if run.schedule:
+        path = f"suite.methods.{run.method}.schedule"
+        stages = parse_schedule(run.schedule, path, run.kind)
+        with torch.device("meta"):
+            staged = build_run_network(run, data_shape, num_classes)
+        run.description = describe_schedule(staged, stages, path)  # every stage's values checked by the method
     return model
 
 
 DEFAULT_OBJECTIVE = {"name": "edm"}
 # Run keys added after runs were first hashed, at their default values: left out of the hash, so runs
 # configured before methods and objectives were plug-ins keep their hash (and resume their checkpoints).
-_HASH_DEFAULTS = {"kind": "tread", "args": {}, "objective": DEFAULT_OBJECTIVE}
+_HASH_DEFAULTS = {"kind": "tread", "args": {}, "objective": DEFAULT_OBJECTIVE, "schedule": []}
 
 
 # Train keys that cannot change a run's results (how data is read): kept out of the hash.

@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
 from core.io import atomic_write_text
+from measure.memory import rss_mib
 from measure.results import environment, tables_lock, upsert_csv
 
 from .resume import prepare_run_dir
 from .tracking import open_tracker
-from .spec import RunSpec, build_run_network, config_hash, expand_runs, pick_device, validate_run
+from .spec import RunSpec, build_run_network, config_hash, expand_runs, pick_device, run_stages, validate_run
 
 # A run's rows (one per evaluation) are replaced together: a rerun never leaves rows of an earlier attempt.
 RUN_KEY = ["suite", "scale", "run_id", "seed"]
@@ -28,13 +29,26 @@ RUN_KEY = ["suite", "scale", "run_id", "seed"]
 EVAL_METRICS = ("fid", "kid", "precision", "recall")
 
 
-def train_macs_per_image(run: RunSpec, data_shape, num_classes: int) -> float:
-    """Training MACs per image (forward + backward, DiT convention) of the run's network as it trains."""
+def train_macs_per_stage(run: RunSpec, data_shape, num_classes: int) -> list[float]:
+    """Training MACs per image (forward + backward, DiT convention) of the run's network as it trains, one value
+    per stage of its schedule (the entry's own settings first; one value without a schedule)."""
     from measure.flops import flops_row
 
     with torch.device("meta"):
         net = build_run_network(run, data_shape, num_classes)
-    return flops_row(net, data_shape[1], data_shape[0], num_classes)["gflops_train"] * 1e9
+    macs = [flops_row(net, data_shape[1], data_shape[0], num_classes)["gflops_train"] * 1e9]
+    for stage in run_stages(run):
+        net.apply_settings(**stage.settings)  # the Method interface, as the trainer changes it
+        macs.append(flops_row(net, data_shape[1], data_shape[0], num_classes)["gflops_train"] * 1e9)
+    return macs
+
+
+def cumulative_train_flops(step: int, global_batch: int, starts: list[int], macs: list[float]) -> float:
+    """Training FLOPs (MAC convention) of the first ``step`` steps: per stage, its steps x global batch x its
+    training MACs per image, summed (``starts``: methods.stage_starts; ``macs``: train_macs_per_stage)."""
+    from methods import cumulative_cost
+
+    return cumulative_cost(step, starts, macs, units_per_step=global_batch)  # one stage: macs x images seen
 
 def fid_reference(suite: DictConfig, eval_cfg):
     """(reference, name): an npz of statistics, or the images of the suite's reference split."""
@@ -48,7 +62,7 @@ def fid_reference(suite: DictConfig, eval_cfg):
         raise ConfigError("FID on latents needs suite.eval.reference_npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)"
                           " or ADM_REFERENCE set; or set suite.eval.samples=0")
     ref = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.reference_split,
-                       limit=eval_cfg.reference_limit)
+                       limit=eval_cfg.reference_limit, **(suite.data.get("kwargs") or {}))
     return ref.images, f"{ref.name}-{len(ref)}"
 
 
@@ -67,7 +81,7 @@ def held_out_loss(suite: DictConfig, eval_cfg, data, objective=None):
         held = load_dataset("latents", suite.data.resolution, path=path, limit=eval_cfg.loss_images)
     else:
         held = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.loss_split,
-                            limit=eval_cfg.loss_images)
+                            limit=eval_cfg.loss_images, **(suite.data.get("kwargs") or {}))
     if held.shape != data.shape:
         raise ConfigError(f"held-out images have shape {held.shape}, training data {data.shape}; fix suite.eval.loss_*")
     cfg = EvalLossConfig(images=eval_cfg.loss_images, levels=eval_cfg.loss_levels, seed=eval_cfg.loss_seed,
@@ -76,17 +90,19 @@ def held_out_loss(suite: DictConfig, eval_cfg, data, objective=None):
 
 
 def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
-              tracker: str = "none"):
+              tracker: str = "none", memory: dict | None = None):
     """Train (or resume) one run; returns (summary, trainer); trainer.evals holds the evaluation rows.
 
     At every evaluation point (suite.eval.every, and the final step), off the training clock: the held-out
     evaluation loss of the EMA model, a sample grid (same noise and labels for every run and point), and
     FID (at every point, or only the final one with eval.fid_at=final). ``tracker`` (tensorboard, wandb or
     none; runner/tracking.py) logs the training curve, the evaluations and the grids as they happen.
+    ``memory`` (a dict; dry runs) gets the process's peak memory at the start of the final evaluation: training's.
     """
     from diffusion.sampler import SamplerConfig
     from diffusion.train import Trainer, TrainConfig
     from measure.evaluate import EvalConfig, FIDEvaluator, decode_latents
+    from methods import stage_starts
     from measure.samples import sample_grid, save_grid
     from objectives import build_objective
 
@@ -96,11 +112,13 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     objective = build_objective(**run.objective)
     den = objective.wrap(build_run_network(run, data.shape, data.num_classes, seed=train_cfg.seed + 1,
                                            fp32_after_route=train_cfg.fp32_after_route))
-    trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot, objective=objective)
+    trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot, objective=objective,
+                      schedule=run_stages(run))
     resumed = trainer.try_resume()
     trainer.tracker = open_tracker(tracker, run_dir, run.dir_name, f"{run.suite}_{run.scale}", snapshot,
                                    resumed_step=trainer.step)
-    macs_per_image = train_macs_per_image(run, data.shape, data.num_classes)
+    stage_macs = train_macs_per_stage(run, data.shape, data.num_classes)  # per image, one per schedule stage
+    starts = stage_starts(trainer.stages)
     fid = (FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes, objective)
            if eval_cfg.samples > 0 else None)
     loss = held_out_loss(suite, eval_cfg, data, objective)
@@ -111,8 +129,13 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     def on_eval(tr):
         recent = [s["loss"] for s in tr.stats[-3:]] or [float("nan")]
         row = {"step": tr.step, "images_seen": tr.images_seen, "wall_time_s": tr.elapsed,
-               "train_flops": macs_per_image * tr.images_seen, "loss": sum(recent) / len(recent)}
+               "train_flops": cumulative_train_flops(tr.step, tr.cfg.global_batch, starts, stage_macs),
+               "loss": sum(recent) / len(recent)}
         final = tr.step >= tr.cfg.steps
+        if memory is not None and final:
+            from .dryrun import peak_memory
+
+            memory.update({f"train_{k}": v for k, v in peak_memory(device).items()})
         if loss is not None:
             row.update(loss(tr.ema_denoiser, tr.acc.device))
         if eval_cfg.grid_per_class > 0 and tr.acc.is_main_process:
@@ -135,15 +158,15 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     finally:
         if trainer.tracker is not None:
             trainer.tracker.finish()
-    summary.update(resumed=resumed, params=sum(p.numel() for p in den.net.backbone.parameters()))
+    summary.update(resumed=resumed, params=sum(p.numel() for p in den.net.parameters()))
     return summary, trainer
 
 
 def _train_and_record(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
-                      base: dict, tracker: str = "none") -> tuple[list[dict], bool]:
+                      base: dict, tracker: str = "none", memory: dict | None = None) -> tuple[list[dict], bool]:
     """Train one run and turn it into table rows; a failure becomes one 'failed' row (never an exception)."""
     try:
-        summary, trainer = train_one(run, suite, data, run_dir, device, snapshot, tracker)
+        summary, trainer = train_one(run, suite, data, run_dir, device, snapshot, tracker, memory)
         base = {**base, "params": summary["params"], "steps": summary["steps"], "final_loss": summary["final_loss"],
                 "samples_per_s": summary["samples_per_s"], "status": "ok", "error": ""}
         return [{**base, **e} for e in trainer.evals], True
@@ -158,7 +181,8 @@ def _train_and_record(run: RunSpec, suite: DictConfig, data, run_dir: Path, devi
 
 
 def _worker(job: dict) -> tuple[list[dict], bool]:
-    """One run in a worker process (suite.jobs > 1): its own threads, modules, data and files."""
+    """One run in a worker process (suite.jobs > 1, or a fresh process per run in a dry run): its own threads,
+    modules, data and files. In a dry run its rows carry the process's memory (runner/dryrun.py)."""
     from data import load_dataset
     from runner.imports import import_user_modules
 
@@ -167,8 +191,16 @@ def _worker(job: dict) -> tuple[list[dict], bool]:
     suite = OmegaConf.create(job["suite"])
     data = load_dataset(suite.data.name, suite.data.resolution, limit=suite.data.get("limit"),
                         **(suite.data.get("kwargs") or {}))
+    memory = {} if job.get("dryrun") else None
+    base_rss, started = rss_mib(), time.perf_counter()  # before the network is built: interpreter, torch, data
     rows, ok = _train_and_record(job["run"], suite, data, Path(job["run_dir"]), job["device"], job["snapshot"],
-                                 job["base"], job["tracker"])
+                                 job["base"], job["tracker"], memory)
+    if memory is not None:  # this process ran this one run: its peak is the run's
+        from .dryrun import peak_memory
+
+        measured = {"base_rss_mib": base_rss, **memory, **peak_memory(job["device"]),
+                    "run_wall_s": time.perf_counter() - started}
+        rows = [{**row, **measured} for row in rows]
     atomic_write_text(Path(job["run_dir"]) / "result.json", json.dumps(rows, indent=1, default=str))
     return rows, ok
 
@@ -226,7 +258,16 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     jobs = min(jobs, max(len(pending), 1))
     if fid_ref is not None and pending and main_process:
         FIDEvaluator(eval_cfg, *fid_ref, data.num_classes).prepare_reference()  # once, not once per worker
-    if jobs == 1:
+    # a dry run trains each run in a fresh process (its peak memory is the run's); not under accelerate launch,
+    # whose processes train every run together
+    dryrun = bool(suite.get("dryrun")) and state.num_processes == 1
+
+    def job(run, run_dir, snapshot, base, threads):
+        return {"run": run, "suite": resolved, "run_dir": str(run_dir), "device": device, "snapshot": snapshot,
+                "base": base, "threads": threads, "imports": list(cfg.get("imports") or []), "tracker": tracker,
+                "dryrun": dryrun}
+
+    if jobs == 1 and not dryrun:
         for run, run_dir, snapshot, base in pending:
             print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
             run_rows, ok = _train_and_record(run, suite, data, run_dir, device, snapshot, base, tracker)
@@ -234,14 +275,32 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 atomic_write_text(run_dir / "result.json", json.dumps(run_rows, indent=1, default=str))
             rows.extend(run_rows)
             failures += [] if ok else [run.dir_name]
+    elif dryrun:  # one run at a time (suite.jobs is not read): the machine's memory is for one full-size run
+        from .dryrun import drop_checkpoint, run_in_fresh_process
+
+        threads = max(1, os.cpu_count() or 1)
+        print(f"dry run: {len(pending)} runs, one at a time, each in a fresh process with {threads} thread(s)")
+        for run, run_dir, snapshot, base in pending:
+            print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
+            try:
+                run_rows, ok = run_in_fresh_process(_worker, job(run, run_dir, snapshot, base, threads))
+            except RuntimeError as err:  # the process died (e.g. out of memory): this run fails, the next one runs
+                run_rows, ok = [{**base, "status": "failed", "error": str(err)}], False
+                print(f"[{run.dir_name}] FAILED: {err}", file=sys.stderr)
+            if ok:
+                drop_checkpoint(run_dir)
+            last = run_rows[-1]
+            print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}: peak RSS {last.get('peak_rss_mib', float('nan')):.0f}"
+                  f" MiB (training {last.get('train_peak_rss_mib', float('nan')):.0f}), "
+                  f"{last.get('run_wall_s', float('nan')):.0f} s")
+            rows.extend(run_rows)
+            failures += [] if ok else [run.dir_name]
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         print(f"training {len(pending)} runs in {jobs} worker processes, {threads} thread(s) each")
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [(run, base, pool.submit(_worker, {
-                "run": run, "suite": resolved, "run_dir": str(run_dir), "device": device, "snapshot": snapshot,
-                "base": base, "threads": threads, "imports": list(cfg.get("imports") or []), "tracker": tracker}))
-                for run, run_dir, snapshot, base in pending]
+            futures = [(run, base, pool.submit(_worker, job(run, run_dir, snapshot, base, threads)))
+                       for run, run_dir, snapshot, base in pending]
             for run, base, future in futures:
                 try:
                     run_rows, ok = future.result()
@@ -257,6 +316,12 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         return 1 if failures else 0
     with tables_lock(results_dir, suite.name):  # other jobs of a multirun may write the same tables now
         write_train_tables(cfg, suite, rows, results_dir)
+    if suite.get("dryrun") and rows:
+        from .dryrun import dryrun_row, write_dryrun_table
+
+        last = {(r["run_id"], r["seed"]): r for r in rows}  # a run's last row: its final evaluation, or its failure
+        write_dryrun_table(cfg, [dryrun_row(run, suite, last[(run.run_id, run.seed)], device, state.num_processes)
+                                 for run in runs if (run.run_id, run.seed) in last])
     print(f"suite wall time this sitting: {time.perf_counter() - started:.0f} s "
           f"({len(pending)} runs trained or resumed, {finished} finished earlier, "
           f"{len(runs) - len(pending) - finished} left out)")

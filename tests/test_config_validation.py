@@ -14,7 +14,8 @@ from suite_helpers import compose_suite, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-SUITES = ["smoke", "flops", "throughput", "arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance"]
+SUITES = ["smoke", "flops", "throughput", "arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance",
+          "methods", "methods_flops"]
 HOW = 'write it as {start: 2, end: 8, rate: 0.5} or "2->8@0.5"'
 
 # (override of `suite=smoke scale=tiny`, the exact message after "error: ")
@@ -27,7 +28,7 @@ BAD = [
     ('suite.methods.tread.routes="1->3@0.5"', 'suite.methods.tread.routes must be a list of routes, got 1->3@0.5; '
      'e.g. routes: ["2->8@0.5"] or [{start: 2, end: 8, rate: 0.5}]'),
     ("+suite.methods.tread.rotues=[]", "unknown key 'suite.methods.tread.rotues' for a method of kind tread; did you "
-     "mean 'routes'? its keys are: kind, backbones, routes, selection"),
+     "mean 'routes'? its keys are: kind, backbones, routes, selection, schedule"),
     ("suite.train.steps=0", "suite.train.steps = 0: must be > 0 (training steps); e.g. suite.train.steps=1000"),
     ("suite.train.steps=abc", "suite.train.steps: Value 'abc' of type 'str' could not be converted to Integer; "
      "e.g. suite.train.steps=1000"),
@@ -87,6 +88,35 @@ def test_run_suite_prints_one_error_line_and_exits_2(tmp_path, override, message
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     assert "Traceback" not in res.stderr
     assert nothing_written(tmp_path)
+
+
+# Mistakes Hydra would report in several lines (exit 1) before our checks run: checked ahead of Hydra
+COMMAND_LINE = [
+    ("suite.train.stepz=5", "unknown key 'suite.train.stepz'; did you mean 'steps'? the keys of suite.train are: "),
+    ("suite=smok", "unknown suite 'smok'; did you mean 'smoke'? choose one of arch_agnostic, dit_scaling, flops, "
+     "guidance, methods, methods_flops, route_ablation, selection_rate, smoke, throughput"),
+    ("objective=flo", "unknown objective 'flo'; did you mean 'flow'? choose one of edm, flow"),
+    ("+stepz=1", "unknown top-level key 'stepz'"),
+]
+
+
+@pytest.mark.parametrize("override, message", COMMAND_LINE, ids=[c[0] for c in COMMAND_LINE])
+def test_hydra_composition_mistakes_get_one_line_and_exit_2(tmp_path, override, message):
+    res = subprocess.run([sys.executable, "run_suite.py", "suite=smoke", "scale=tiny", *dirs(tmp_path), override],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if "Warning" not in line and "warn" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), res.stderr
+    assert nothing_written(tmp_path)
+
+
+def test_an_unknown_key_written_without_plus_names_the_plus_form():
+    from runner.schema import check_command_line
+
+    problem = check_command_line(["suite=smoke", "scale=tiny", "suite.train.stepz=5"], str(ROOT / "suites"))
+    assert problem.endswith("(to add a key the config does not have, write +suite.train.stepz=5)")
+    assert check_command_line(["suite=smoke", "scale=tiny", "suite.train.steps=5"], str(ROOT / "suites")) is None
+    assert check_command_line(["-m", "suite=smoke", "suite.seed=0,1"], str(ROOT / "suites")) is None  # Hydra's
 
 
 @pytest.mark.parametrize("routes", ['["1->3@0.5"]', '["r(1->3)@0.5"]', '["1->-3@0.5"]'])
