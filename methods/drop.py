@@ -109,6 +109,14 @@ class TokenDropper(SeededMethod):
         raise ConfigError(f"{self.kind} composes its own training loss (kept tokens only); the route-aware loss "
                           "(TREAD v1) does not apply to it: set suite.train.route_aware_loss: false")
 
+    def begin_forward(self, x, noise_labels, class_labels, force_rate: Optional[float], return_token_masks: bool):
+        """What every dropper's forward starts with: (tokens, cond, rate in force, full grid, positions 0..n-1)."""
+        if return_token_masks:
+            self.refuse_token_masks()
+        tokens, cond = self.backbone.embed(x, noise_labels, class_labels)
+        positions = full_positions(tokens.shape[0], tokens.shape[1], tokens.device)
+        return tokens, cond, self.active_rate(force_rate), self.backbone.grid_size, positions
+
 
 
 def pixel_mask(token_mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -148,13 +156,10 @@ class Drop(TokenDropper):
 
     def forward(self, x, noise_labels, class_labels, force_rate: Optional[float] = None,
                 return_token_masks: bool = False, return_loss_terms: bool = False):
-        if return_token_masks:
-            self.refuse_token_masks()
         bb = self.backbone
-        rate = self.active_rate(force_rate)
-        tokens, cond = bb.embed(x, noise_labels, class_labels)
-        b, n = tokens.shape[:2]
-        grid, positions, ids = bb.grid_size, full_positions(b, n, tokens.device), None
+        tokens, cond, rate, grid, positions = self.begin_forward(x, noise_labels, class_labels, force_rate,
+                                                                   return_token_masks)
+        (b, n), ids = tokens.shape[:2], None
         for i, block in enumerate(bb.blocks):
             if i == self.start and rate > 0:
                 ids, grid = self.draw(b, rate, tokens.device)

@@ -234,17 +234,13 @@ class MaskDiT(TokenDropper):
 
     def forward(self, x, noise_labels, class_labels, force_rate: Optional[float] = None,
                 return_token_masks: bool = False, return_loss_terms: bool = False):
-        if return_token_masks:
-            self.refuse_token_masks()
-        bb = self.backbone
-        rate = self.active_rate(force_rate)
-        tokens, cond = bb.embed(x, noise_labels, class_labels)
-        b, n = tokens.shape[:2]
-        grid, positions, ids = bb.grid_size, full_positions(b, n, tokens.device), None
+        tokens, cond, rate, grid, positions = self.begin_forward(x, noise_labels, class_labels, force_rate,
+                                                                   return_token_masks)
+        ids = None
         if rate > 0:
-            ids, grid = self.draw(b, rate, tokens.device)
+            ids, grid = self.draw(tokens.shape[0], rate, tokens.device)
             tokens, positions = gather_tokens(tokens, ids), ids
-        for block in bb.blocks:
+        for block in self.backbone.blocks:
             tokens = block(tokens, cond, grid, positions)
         out = self.decode(tokens, cond, ids)
         if not return_loss_terms:

@@ -1,5 +1,11 @@
-"""Compose run_suite's Hydra config in-process, as `python run_suite.py ...` would."""
+"""Compose run_suite's Hydra config in-process, as `python run_suite.py ...` would; kill a suite mid-run; replay
+a method's token draws."""
+import signal
+import subprocess
+import time
 from pathlib import Path
+
+import torch
 
 from hydra import compose, initialize_config_dir
 
@@ -22,3 +28,30 @@ def run(overrides):
     runner.validate_suite(cfg)
     suite = runner.resolve_suite(cfg)
     return runner.SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
+
+
+def kill_once_logged(cmd, cwd, env, stats: Path, lines: int = 3, timeout: float = 600.0) -> None:
+    """Start ``cmd`` and kill -9 it as soon as ``stats`` (a run's stats.jsonl) has ``lines`` lines: mid-run,
+    after a checkpoint or two, never between runs."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if stats.exists() and len(stats.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def rng_state_replays(net, x, t, y):
+    """(masks of the first call, net.rng_state() before it): a second call draws other tokens, and restoring the
+    saved state replays the first call's tokens and output exactly. ``net`` in train mode."""
+    state = net.rng_state()
+    with torch.no_grad():
+        first, (mask,) = net(x, t, y, return_token_masks=True)
+        _, (other,) = net(x, t, y, return_token_masks=True)
+        net.set_rng_state(state)
+        again, (mask_again,) = net(x, t, y, return_token_masks=True)
+    assert not torch.equal(mask, other)  # the draws move on ...
+    assert torch.equal(mask, mask_again) and torch.equal(first, again)  # ... and the saved state replays them
+    return mask, state

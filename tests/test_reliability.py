@@ -2,10 +2,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 
 from core.errors import ConfigError
 from core.io import atomic_write_text
+from suite_helpers import kill_once_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -34,16 +33,8 @@ def losses(tmp, run_id):
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(suite_cmd(clean), cwd=ROOT, env=ENV, check=True, capture_output=True)
-    proc = subprocess.Popen(suite_cmd(killed), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     stats = killed / "runs" / "smoke" / "tiny" / "dit-tiny-tread-seed0" / "stats.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill mid-way through the SECOND run, after a checkpoint or two
-        if stats.exists() and len(stats.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_logged(suite_cmd(killed), ROOT, ENV, stats)  # mid-way through the SECOND run
     assert not (killed / "results" / "smoke.csv").exists()
     out = subprocess.run(suite_cmd(killed), cwd=ROOT, env=ENV, check=True, capture_output=True, text=True).stdout
     assert "dit-tiny-baseline-seed0] finished earlier, skipped" in out

@@ -7,10 +7,8 @@ new settings and trains on; training FLOPs follow the stages (against a hand cou
 includes the schedule; the routes column says it."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from diffusion.train import Trainer, TrainConfig, TrainingDiverged
 from methods import Method, build_network, cumulative_cost, parse_schedule, stage_index, stage_starts
 from objectives import build_objective
 from runner.spec import RunSpec, config_hash
-from suite_helpers import run
+from suite_helpers import kill_once_logged, run
 from test_token_methods import tiny_macs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,14 +124,7 @@ def test_sigkill_past_the_boundary_then_rerun_equals_an_uninterrupted_run(tmp_pa
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(cmd(clean), cwd=ROOT, env=env, check=True, capture_output=True)
     stats = killed / "runs" / "methods" / "tiny" / "dit-tiny-maskdit-seed0" / "stats.jsonl"
-    proc = subprocess.Popen(cmd(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline:  # >= 3 log lines: step 15 done, so the last checkpoint (10 or 15) is past step 7
-        if stats.exists() and len(stats.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_logged(cmd(killed), ROOT, env, stats)  # 3 log lines: step 15 done, the last checkpoint is past step 7
     assert not (killed / "results" / "methods_runs.csv").exists()
     out = subprocess.run(cmd(killed), cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
     assert "[dit-tiny-maskdit-seed0] stage 1 of 1 from step 7: mask_ratio=0.0" in out  # re-applied on resume
