@@ -46,15 +46,17 @@ ACTIVATION_BYTES = {"fp32": 140.0, "bf16": 0.6 * 140.0}
 
 def block_shapes(net, data_shape, num_classes: int) -> List[tuple]:
     """[(tokens, width)] of every block's input in one batch-1 training forward of ``net`` (a method network)
-    on the meta device: the tokens a method lets each block see, and the block width."""
-    shapes: List[Optional[tuple]] = [None] * len(net.blocks)
+    on the meta device: the tokens a method lets each block see, and the block width; the backbone's blocks,
+    then the method's own (``method_blocks``: MaskDiT's decoder, at its width over the full sequence)."""
+    blocks = list(net.blocks) + list(net.method_blocks())
+    shapes: List[Optional[tuple]] = [None] * len(blocks)
 
     def hook(index):
         def record(module, args):
             shapes[index] = (int(args[0].shape[1]), int(args[0].shape[-1]))
         return record
 
-    handles = [b.register_forward_pre_hook(hook(i)) for i, b in enumerate(net.blocks)]
+    handles = [b.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
     was_training = {m: m.training for m in net.modules()}
     try:
         net.train()

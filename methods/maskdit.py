@@ -223,6 +223,9 @@ class MaskDiT(TokenDropper):
     def training_rate(self) -> float:
         return self.mask_ratio
 
+    def method_blocks(self) -> List[nn.Module]:
+        return list(self.decoder_blocks)  # they see the full sequence: at B/2, 4 x 320 wide x 256 tokens
+
     #: a schedule may change the mask ratio (the paper's unmasked fine-tune: mask_ratio 0); the decoder, the mask
     #: token and the MAE weight stay (mae_weight decides whether the mask token exists: a parameter)
     schedulable = ("mask_ratio",)

@@ -91,6 +91,11 @@ class Method(nn.Module):
         """The backbone's blocks: where FLOP counting hooks in and ``compile_blocks`` compiles."""
         return self.backbone.blocks
 
+    def method_blocks(self) -> List[nn.Module]:
+        """Blocks the method adds beyond the backbone's (MaskDiT's decoder): the memory plan counts the activations
+        they save as it counts the backbone blocks'. Layers that are not blocks (a fusion linear) are left out."""
+        return []
+
     def rng_state(self):
         """The state of the method's own random draws (saved in checkpoints); None if it draws nothing."""
         return None

@@ -61,6 +61,7 @@ class SuiteSchema:
     seed: int = 0
     seeds: Optional[List[int]] = None
     jobs: int = 1
+    reuse_from: Optional[List[str]] = None   # train: suites whose identical finished runs are copied (runner/reuse.py)
     dryrun: bool = False     # scale=dryrun sets it: each run in a fresh process, peak memory to results/dryrun.csv
     selection: str = "auto"
     backbones: List[Any] = field(default_factory=list)        # entries checked against BackboneSchema
@@ -80,7 +81,7 @@ class SuiteSchema:
 #: the suites with a dry-run configuration (suites/suite_scale/<suite>_dryrun.yaml)
 DRYRUN_SUITES = ("dit_scaling", "arch_agnostic", "selection_rate", "route_ablation", "guidance")
 #: keys only suites of one kind read (a suite of another kind is refused them)
-KIND_KEYS = {"flops": {"published"}, "guidance": {"sampling"},
+KIND_KEYS = {"flops": {"published"}, "guidance": {"sampling"}, "train": {"reuse_from"},
              "throughput": {"batch", "warmup", "rounds", "precision", "cpu_peak_rss", "baseline"}}
 #: TrainConfig fields a suite may not set, and what to set instead
 NOT_IN_SUITE = {"train": {"seed": "set the seed with suite.seed=<s> or suite.seeds=[...]"}}
@@ -385,6 +386,11 @@ def validate_suite(cfg: DictConfig, kinds: Optional[Mapping[str, Callable]] = No
     seeds = suite.get("seeds")
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"suite.seeds = {seeds}: must be a non-empty list of distinct integers, e.g. [0, 1, 2]")
+    known_suites = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "suites" / "suite").glob("*.yaml"))
+    for other in suite.get("reuse_from") or []:
+        if other not in known_suites:
+            raise ConfigError(f"suite.reuse_from: unknown suite '{other}'; {_suggest(str(other), known_suites)}"
+                              f"choose from {', '.join(known_suites)}")
     if kind == "throughput":
         baseline = suite.get("baseline", "baseline")
         if methods.get(baseline) is None:

@@ -193,12 +193,16 @@ _HASH_DEFAULTS = {"kind": "tread", "args": {}, "objective": DEFAULT_OBJECTIVE, "
 
 # Train keys that cannot change a run's results (how data is read): kept out of the hash.
 _HASH_IGNORED_TRAIN = ("loader_workers",)
+# Suite keys that cannot change a run's results (where finished runs may be copied from: runner/reuse.py).
+_HASH_IGNORED_SUITE = ("reuse_from",)
 
 
 def config_hash(obj) -> str:
     if isinstance(obj, dict) and ("run" in obj or "suite" in obj):
         obj = dict(obj)
         suite = obj.get("suite")
+        if isinstance(suite, dict):
+            obj["suite"] = suite = {k: v for k, v in suite.items() if k not in _HASH_IGNORED_SUITE}
         if isinstance(suite, dict) and isinstance(suite.get("train"), dict):
             train = {k: v for k, v in suite["train"].items() if k not in _HASH_IGNORED_TRAIN}
             obj["suite"] = {**suite, "train": train}

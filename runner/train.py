@@ -20,6 +20,7 @@ from measure.memory import rss_mib
 from measure.results import environment, tables_lock, upsert_csv
 
 from .resume import prepare_run_dir
+from .reuse import reuse_finished_run
 from .tracking import open_tracker
 from .spec import RunSpec, build_run_network, config_hash, expand_runs, pick_device, run_stages, validate_run
 
@@ -240,6 +241,15 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
             if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
                 print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
                 rows.extend({**row, "routes": run.routes_str()} for row in done)  # resolved route notation
+                finished += 1
+                continue
+        # (one process only: under `accelerate launch` every rank would have to agree on the copy)
+        if not cfg.force and not cfg.get("report") and suite.get("reuse_from") and state.num_processes == 1:
+            reused = reuse_finished_run(snapshot, digest, run_dir, Path(cfg.runs_dir), list(suite.reuse_from),
+                                        cfg.scale.name, data.shape, data.num_classes)
+            if reused:
+                print(f"[{run.dir_name}] the same run finished in {reused[0]['reused_from']}: copied, not trained")
+                rows.extend({**row, "routes": run.routes_str()} for row in reused)
                 finished += 1
                 continue
         if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
