@@ -46,6 +46,15 @@ def tables_lock(folder: str | Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def read_table(path: str | Path) -> pd.DataFrame | None:
+    """The CSV at ``path``, or None when there is none or it holds no columns (a table written with no rows, e.g.
+    a speedup table of an ``only=`` sitting that trained no baseline, is one empty line)."""
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return None
+
+
 def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str]) -> pd.DataFrame:
     """Write ``rows`` into the CSV at ``path``, replacing existing rows with the same ``key`` values.
 
@@ -53,8 +62,8 @@ def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str]) -> pd
     """
     path = Path(path)
     new = pd.DataFrame(list(rows))
-    if path.exists() and path.stat().st_size:
-        old = pd.read_csv(path)
+    old = read_table(path)
+    if old is not None:
         if all(k in old.columns for k in key) and len(new):
             new_keys = set(map(tuple, new[list(key)].astype(str).values))
             stale = old[list(key)].astype(str).apply(tuple, axis=1).isin(new_keys)

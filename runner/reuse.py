@@ -28,9 +28,9 @@ from omegaconf import OmegaConf
 
 from core.io import atomic_write_text
 
-from .spec import config_hash, expand_runs, validate_run
+from .schema import SUITES_DIR
+from .spec import config_hash, expand_runs, resolve_suite, validate_run
 
-SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
 #: suite keys that name or list runs without changing any one run's numbers
 SUITE_MEMBERSHIP = ("name", "backbones", "methods", "seeds", "jobs", "reuse_from", "results_file")
 
@@ -55,11 +55,11 @@ def _other_snapshot(other: str, scale: str, dir_name: str, data_shape, num_class
     else:  # called outside Hydra (tests, scripts)
         with initialize_config_dir(config_dir=str(SUITES_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
-    suite = OmegaConf.create(OmegaConf.to_container(cfg.suite, resolve=True))
+    suite = resolve_suite(cfg)
     for run in expand_runs(suite, cfg.scale):
         if run.dir_name == dir_name:
             run.selection = validate_run(run, data_shape, num_classes).net.selection
-            return {"suite": OmegaConf.to_container(suite, resolve=True), "run": asdict(run)}
+            return {"suite": OmegaConf.to_container(suite), "run": asdict(run)}
     return None
 
 

@@ -142,6 +142,14 @@ def _schemas() -> Dict[str, type]:
     return {"train": TrainConfig, "eval": EvalConfig}
 
 
+SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"   # run_suite.py's Hydra config folder
+
+
+def group_options(config_dir, group: str) -> List[str]:
+    """The options of a config group: the names of ``<config_dir>/<group>/*.yaml``, sorted."""
+    return sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+
+
 def _suggest(key: str, known) -> str:
     close = difflib.get_close_matches(str(key), list(known), n=1)
     return f"did you mean '{close[0]}'? " if close else ""
@@ -386,8 +394,8 @@ def validate_suite(cfg: DictConfig, kinds: Optional[Mapping[str, Callable]] = No
     seeds = suite.get("seeds")
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"suite.seeds = {seeds}: must be a non-empty list of distinct integers, e.g. [0, 1, 2]")
-    known_suites = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "suites" / "suite").glob("*.yaml"))
     for other in suite.get("reuse_from") or []:
+        known_suites = group_options(SUITES_DIR, "suite")
         if other not in known_suites:
             raise ConfigError(f"suite.reuse_from: unknown suite '{other}'; {_suggest(str(other), known_suites)}"
                               f"choose from {', '.join(known_suites)}")
@@ -483,7 +491,7 @@ def _override_errors(overrides: List[str], config_dir: str) -> Optional[str]:
             if not missing:
                 return None
             group, value = missing[-1]
-            options = sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+            options = group_options(config_dir, group)
             return (f"unknown {group} '{value}'; {_suggest(value, options)}choose one of {', '.join(options)}")
         except ConfigCompositionException as err:
             cause = err.__cause__

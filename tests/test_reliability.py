@@ -172,3 +172,16 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path):
     assert len(a) == len(b) == 2
     assert np.allclose(a, b, rtol=1e-5, atol=0)
     assert len(pd.read_csv(two / "r" / "smoke.csv")) == 1  # written once, by rank 0
+
+
+def test_a_table_written_with_no_rows_takes_rows_later(tmp_path):
+    """An `only=` sitting without a baseline writes its speedup table with no rows (one empty line); the next
+    sitting upserts into it instead of failing on a file with no columns."""
+    from measure.results import upsert_csv
+
+    path = tmp_path / "speedup.csv"
+    assert len(upsert_csv(path, [], ["run_id"])) == 0
+    assert path.read_text().strip() == ""
+    table = upsert_csv(path, [{"run_id": "a", "x": 1}], ["run_id"])
+    assert table.to_dict("records") == [{"run_id": "a", "x": 1}]
+    assert pd.read_csv(path).to_dict("records") == [{"run_id": "a", "x": 1}]
