@@ -5,10 +5,11 @@ forwards and backwards with two Mamba mixers and sums them; conditioning is DiT'
 (shift/scale/gate from the timestep+class vector), as ZigMa does.
 
 The mixer has exactly ``mamba_ssm.Mamba``'s parameters (names, shapes, init), so one checkpoint
-runs on two paths: the fused CUDA kernels of ``mamba_ssm`` / ``causal_conv1d`` when they import
-and the tensor is on CUDA, otherwise a pure-PyTorch path (depthwise conv + a scan run step by
-step on CPU, as a chunked parallel scan elsewhere) that also runs on CPU. ``mamba_ssm`` is
-imported lazily: it fails to import on CPU machines.
+runs on three paths: the fused CUDA kernels of ``mamba_ssm`` / ``causal_conv1d`` when they import
+and the tensor is on CUDA; on CPU the fused C++ scan of ``backbones.mamba_cpu`` (built at first
+use with the system compiler); otherwise a pure-PyTorch path (depthwise conv + a scan run step by
+step on CPU, as a chunked parallel scan elsewhere). ``use_fused_kernels=False`` forces the pure
+path. ``mamba_ssm`` is imported lazily: it fails to import on CPU machines.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 
 from core.errors import ConfigError
 
+from . import mamba_cpu
 from .layers import ConditionedPatchStack, modulate
 from .protocol import BlockStack
 from .registry import register_backbone
@@ -259,9 +261,11 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 @torch.compiler.disable  # torch.compile would unroll the Python loops over steps; run it eagerly
-def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
-    """Pure-PyTorch ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (same layout:
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, cpu_kernel=True):
+    """``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` without CUDA (same layout:
     u, delta, z (B, D, L); B, C (B, N, L); A (D, N); D, delta_bias (D,); returns (B, D, L)).
+    On CPU tensors it runs the fused C++ scan of ``backbones.mamba_cpu`` when ``cpu_kernel`` and
+    that kernel builds; otherwise (other devices, the meta device, tracing) the pure-PyTorch scan.
 
     out = (y + D u) silu(z), y[t] = C[t] . h[t], h[t] = exp(dt[t] A) h[t-1] + dt[t] B[t] u[t],
     dt = softplus(delta + delta_bias). D, z and delta_bias are required (mamba_ssm allows None).
@@ -272,6 +276,16 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
     no_autocast = (torch.autocast(device_type=u.device.type, enabled=False)
                    if u.device.type in ("cpu", "cuda", "xpu") else contextlib.nullcontext())
     with no_autocast:
+        if (cpu_kernel and u.device.type == "cpu" and not torch.jit.is_tracing()
+                and mamba_cpu.load() is not None):
+            def batch_first(t):  # (B, *, L) -> (B, L, *), no copy when it is a transposed (B, L, *) tensor
+                return t.transpose(1, 2).to(dtype).contiguous()
+
+            out = mamba_cpu.FusedCPUScan.apply(batch_first(u), batch_first(delta), A.to(dtype), batch_first(B),
+                                               batch_first(C), D.to(dtype), batch_first(z), delta_bias.to(dtype),
+                                               delta_softplus)
+            return out.transpose(1, 2).to(u.dtype)
+
         def time_first(t):
             return t.permute(2, 0, 1).to(dtype).contiguous()
 
@@ -316,16 +330,21 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_kernels() if (self.use_fused_kernels and x.is_cuda) else None
-        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, D_inner, L) each
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D_inner) each
         if fused is not None:
-            u = fused[1](u.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            u = fused[1](u.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                         activation="silu").transpose(1, 2)
         else:
-            u = F.silu(causal_depthwise_conv1d(u, self.conv1d.weight, self.conv1d.bias))
-        dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias added inside the scan
-        scan = fused[0] if fused is not None else selective_scan
-        y = scan(u, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2).contiguous(),
-                 C.transpose(1, 2).contiguous(), self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+            # a contiguous (B, D_inner, L) input: oneDNN's depthwise conv is slow on the strided view
+            u = F.silu(causal_depthwise_conv1d(u.transpose(1, 2).contiguous(), self.conv1d.weight,
+                                               self.conv1d.bias)).transpose(1, 2)
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # bias added inside the scan
+        # The scans take mamba_ssm's (B, D, L) layout: transposed views here, so the CPU kernel, which
+        # works batch first, copies nothing.
+        scan = fused[0] if fused is not None else functools.partial(selective_scan, cpu_kernel=self.use_fused_kernels)
+        y = scan(u.transpose(1, 2), delta.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
+                 C.transpose(1, 2), self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
                  delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 

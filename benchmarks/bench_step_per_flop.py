@@ -11,7 +11,9 @@ efficiently as DiT has ratio 1.
         --input-size 32 --channels 1 --num-classes 10 --batch 32 --threads 1 --routed
 
 ``--routed`` adds every backbone again with the route r(2->8)@0.5 (``--route``, ``--selection``);
-routed rows are compared with routed DiT. DiT's head count: ``--num-heads``, else the size's own
+routed rows are compared with routed DiT. ``--pure`` adds Mamba again on its pure-PyTorch scan
+(``use_fused_kernels=False``), the path every CPU ran before the fused CPU scan, timed in the same
+interleaved rounds. DiT's head count: ``--num-heads``, else the size's own
 when it divides the width, else width / 16 (or 1).
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--routed", action="store_true", help="also time each backbone with --route")
     p.add_argument("--route", default="2-8@0.5", help="start-end@rate")
     p.add_argument("--selection", default="rows", help="random, rows or auto")
+    p.add_argument("--pure", action="store_true", help="also time Mamba on its pure-PyTorch scan")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
@@ -76,11 +79,15 @@ def main(argv=None):
 
     shape = (args.channels, args.input_size, args.input_size)
     specs = {}
-    for name in names:
+    variants = [(name, name, {}) for name in names]
+    if args.pure and "mamba" in names:
+        variants.append(("mamba (pure)", "mamba", {"use_fused_kernels": False}))
+    for label, name, extra in variants:
         for routes in ([[]] + ([route] if args.routed else [])):
-            key = (name, "r({}->{})@{:g}".format(start, end, route[0]["rate"]) if routes else "none")
+            key = (label, "r({}->{})@{:g}".format(start, end, route[0]["rate"]) if routes else "none")
             specs[key] = dict(backbone=name, size=args.size, data_shape=shape, num_classes=args.num_classes,
-                              routes=routes, selection=args.selection, batch=args.batch, overrides=overrides(name))
+                              routes=routes, selection=args.selection, batch=args.batch,
+                              overrides={**overrides(name), **extra})
 
     macs = {}
     for key, spec in specs.items():
@@ -96,11 +103,14 @@ def main(argv=None):
     timed = measure_interleaved({f"{b} {r}": s for (b, r), s in steps.items()}, args.warmup, args.rounds,
                                 args.device)
 
+    from backbones import mamba_cpu
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, input "
           f"{args.channels}x{args.input_size}x{args.input_size}, size {args.size} overrides "
           f"{ {k: v for k, v in overrides('mamba').items()} }, selection {args.selection}, "
-          f"warmup {args.warmup}, rounds {args.rounds} (interleaved), load average {load:.2f}")
+          f"warmup {args.warmup}, rounds {args.rounds} (interleaved), load average {load:.2f}, fused CPU scan "
+          f"{'built' if mamba_cpu.load() is not None else 'unavailable (Mamba runs its pure scan)'}")
     print(f"| backbone | routes | ms/step p50 | ms/step mean | train GMACs/step | ns/train MAC | ratio to DiT |")
     print("|---|---|---|---|---|---|---|")
     for (b, r) in specs:

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 import backbones.mamba as mamba
-from backbones import build_backbone
+from backbones import build_backbone, mamba_cpu
 from backbones.mamba import BidirectionalMambaBlock, MambaMixer, causal_depthwise_conv1d, selective_scan
 from diffusion.edm import EDMDenoiser, edm_loss
 from routing import RoutedNetwork
@@ -91,7 +91,7 @@ def test_selective_scan_matches_sequential_recurrence(length, slab, block, scan,
         monkeypatch.setattr(mamba, "_scan_", mamba._linear_scan_)
     inputs = [t.requires_grad_() for t in scan_inputs(2, 7, 4, length)]
     u, delta, A, B, C, D, z, bias = inputs
-    ours = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
+    ours = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, cpu_kernel=False)
     expected = selective_scan_loop(*inputs)
     assert torch.allclose(ours, expected, rtol=1e-10, atol=1e-12)
     grad_out = torch.randn_like(ours)
@@ -101,16 +101,25 @@ def test_selective_scan_matches_sequential_recurrence(length, slab, block, scan,
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-11), name
 
 
-def test_selective_scan_gradcheck():
+# "kernel": the fused C++ CPU scan (backbones/mamba_cpu.py), skipped where it does not build.
+CPU_KERNEL = pytest.param(True, id="kernel", marks=pytest.mark.skipif(
+    mamba_cpu.load() is None, reason="the fused CPU scan did not build (no C++ compiler?)"))
+PATHS = [pytest.param(False, id="pure"), CPU_KERNEL]
+
+
+@pytest.mark.parametrize("cpu_kernel", PATHS)
+def test_selective_scan_gradcheck(cpu_kernel):
     inputs = [t.requires_grad_() for t in scan_inputs(1, 3, 2, 6, seed=3)]
-    fn = lambda u, d, A, B, C, D, z, bias: selective_scan(u, d, A, B, C, D, z=z, delta_bias=bias)  # noqa: E731
+    fn = lambda u, d, A, B, C, D, z, bias: selective_scan(u, d, A, B, C, D, z=z, delta_bias=bias,  # noqa: E731
+                                                          cpu_kernel=cpu_kernel)
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_selective_scan_float32_and_large_steps_stay_finite():
+@pytest.mark.parametrize("cpu_kernel", PATHS)
+def test_selective_scan_float32_and_large_steps_stay_finite(cpu_kernel):
     # dt up to ~softplus(40) with A down to -e^3: decays underflow to 0; the scan only multiplies them.
     u, delta, A, B, C, D, z, bias = scan_inputs(2, 6, 4, 64, seed=4, dtype=torch.float32)
-    out = selective_scan(u, delta * 20, A, B, C, D, z=z, delta_bias=bias)
+    out = selective_scan(u, delta * 20, A, B, C, D, z=z, delta_bias=bias, cpu_kernel=cpu_kernel)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     expected = selective_scan_loop(*(t.double() for t in (u, delta * 20, A, B, C, D, z, bias)))
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-4)
@@ -157,10 +166,11 @@ def test_mixer_parameters_are_mamba_ssm_layout(d_model):
     assert mixer.dt_proj.weight.abs().max() <= rank ** -0.5
 
 
-def test_mixer_matches_mambapy_with_the_same_state_dict():
+@pytest.mark.parametrize("cpu_kernel", PATHS)
+def test_mixer_matches_mambapy_with_the_same_state_dict(cpu_kernel):
     mambapy = pytest.importorskip("mambapy.mamba", reason="mambapy (dev extra) is the second implementation")
     torch.manual_seed(0)
-    ours = MambaMixer(32).double()
+    ours = MambaMixer(32, use_fused_kernels=cpu_kernel).double()
     theirs = mambapy.MambaBlock(mambapy.MambaConfig(d_model=32, n_layers=1, pscan=True)).double()
     theirs.load_state_dict(ours.state_dict())  # the same names and shapes load strictly
     with torch.no_grad():
