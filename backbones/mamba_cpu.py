@@ -119,6 +119,8 @@ class FusedCPUScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        if not all(t.is_contiguous() for t in (u, delta, B, C, z)):  # the kernels index them by shape
+            raise ValueError("FusedCPUScan needs contiguous u, delta, B, C, z; backbones.mamba.selective_scan makes them so")
         lib = load()
         raw = delta + delta_bias
         if softplus:
