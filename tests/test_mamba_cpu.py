@@ -26,9 +26,10 @@ def grads_of(out, inputs, seed=1):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
-# 64 channels make one slab in the kernel: 70 and 130 leave partial slabs (64 + 6, 64 + 64 + 2).
+# 64 channels make one slab in the kernel: 70 and 130 leave partial slabs (64 + 6, 64 + 64 + 2); 300 steps
+# fill the backward's per-row state buffer well past the sizes above.
 @pytest.mark.parametrize("batch,channels,states,length", [(1, 3, 2, 1), (2, 7, 4, 5), (3, 70, 16, 37),
-                                                          (2, 130, 1, 9)])
+                                                          (2, 130, 1, 9), (1, 40, 16, 300)])
 def test_kernel_matches_the_literal_loop(batch, channels, states, length):
     inputs = [t.requires_grad_() for t in scan_inputs(batch, channels, states, length, seed=channels)]
     u, delta, A, B, C, D, z, bias = inputs
