@@ -55,7 +55,7 @@ def _build(compiler: str, target: Path) -> None:
         for openmp, libs in ((["-fopenmp"], ["-lmvec", "-lm"]), ([], ["-lmvec", "-lm"]), ([], ["-lm"])):
             for cmd in ([compiler, *COMPILE_FLAGS, *openmp, "-c", str(SOURCE), "-o", str(obj)],
                         [compiler, "-shared", *openmp, str(obj), "-o", str(lib), *libs]):
-                done = subprocess.run(cmd, capture_output=True, text=True)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 if done.returncode:
                     last_error = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
                     break
@@ -83,7 +83,7 @@ def load():
         if not target.exists():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:  # no compiler, read-only cache, ...
         warnings.warn(f"mamba: the fused CPU scan did not build ({err}); the CPU scan runs in pure PyTorch, "
                       "several times slower")
         return None
