@@ -12,3 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 os.environ.setdefault("HYDRA_FULL_ERROR", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after it): the scan tests' tensors are small, and on a
+    shared 2-core machine intra-op threads spin and cost ~30x CPU time. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

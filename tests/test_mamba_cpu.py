@@ -9,16 +9,9 @@ from backbones import mamba_cpu
 from backbones.mamba import MambaMixer, selective_scan
 from test_mamba import scan_inputs, selective_scan_loop
 
-pytestmark = pytest.mark.skipif(mamba_cpu.load() is None, reason="the fused CPU scan did not build (no C++ compiler?)")
+pytestmark = [pytest.mark.skipif(mamba_cpu.load() is None, reason="the fused CPU scan did not build (no C++ compiler?)"),
+              pytest.mark.usefixtures("one_thread")]
 NAMES = "u delta A B C D z delta_bias".split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def grads_of(out, inputs, seed=1):

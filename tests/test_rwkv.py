@@ -13,13 +13,7 @@ from routing import RoutedNetwork
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: on a shared 2-core machine intra-op threads spin and cost ~30x CPU time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these tensors are tiny
 
 
 def wkv_loop(w, u, k, v):
