@@ -2,7 +2,7 @@
 ``plan=true`` prints what a training suite would cost (FLOPs, GPU-hours, memory per GPU) and trains nothing.
 
 A suite (suites/suite/*.yaml) is configuration only: data, schedule, the backbones and the methods
-(route sets) to cross. runner/ checks it against its schema (runner/schema.py), expands it into runs,
+(route sets) to cross. tread_bench/engine/ checks it against its schema (tread_bench/engine/schema.py), expands it into runs,
 validates every run before any training (bad input gets one line naming the fix), then trains each
 run, skipping runs that already finished and resuming interrupted ones from their checkpoint, and
 writes the suite's result tables.
@@ -16,24 +16,28 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig
 
-from core.errors import ConfigError
-from runner import SUITE_KINDS, apply_auto_scale, import_user_modules, resolve_suite, run_kind, run_plan, validate_suite
+from tread_bench.core.errors import ConfigError
+from tread_bench.engine import apply_auto_scale, import_user_modules, resolve_suite, run_plan, run_suite_kind, validate_suite
 
 
 @hydra.main(config_path="suites", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Errors are reported here, inside the task: Hydra would print a traceback, and it drops the return value.
     try:
+        # In the task, not at the top: a launcher that runs the task in a process of its own (submitit) unpickles
+        # this function without running this file's imports.
+        import tread_bench.kinds  # noqa: F401  (registers the built-in suite kinds)
+
         # First: the modules they name register backbones that the suite may list.
         import_user_modules(cfg.get("imports"), cwd=get_original_cwd())
         # scale=auto (the default): full scale when the suite's data is configured, else the CPU scale
         cfg = apply_auto_scale(cfg, HydraConfig.get().overrides.task, hydra.compose)
-        validate_suite(cfg, SUITE_KINDS)  # unknown keys, wrong types, impossible values: before anything is written
+        validate_suite(cfg)  # unknown keys, wrong types, impossible values: before anything is written
         suite = resolve_suite(cfg)
         if cfg.get("plan"):
             code = run_plan(cfg, suite)  # costs only: no run folders, no training
         else:
-            code = run_kind(cfg, suite, SUITE_KINDS)  # scale=dryrun: runs in fresh processes (runner/dryrun.py)
+            code = run_suite_kind(cfg, suite)  # scale=dryrun: runs in fresh processes (tread_bench/engine/dryrun.py)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -45,7 +49,7 @@ if __name__ == "__main__":
     # Hydra reports an unknown key or suite in several lines and exits 1; say it in one line, exit 2.
     from pathlib import Path
 
-    from runner.schema import check_command_line
+    from tread_bench.engine.schema import check_command_line
 
     problem = check_command_line(sys.argv[1:], str(Path(__file__).resolve().parent / "suites"))
     if problem:

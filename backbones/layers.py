@@ -11,7 +11,7 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

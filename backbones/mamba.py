@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 
 from . import mamba_cpu
 from .layers import ConditionedPatchStack, modulate

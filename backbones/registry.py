@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping
 
-from core.errors import ConfigError  # re-exported: `from backbones.registry import ConfigError` still works
-from core.registry import Registry
+from tread_bench.core.errors import ConfigError
+from tread_bench.core.registry import Registry
 
 from .protocol import BlockStack
 

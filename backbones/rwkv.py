@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 
 from .layers import ConditionedPatchStack, modulate
 from .protocol import BlockStack

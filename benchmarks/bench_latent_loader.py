@@ -3,7 +3,7 @@
 Writes N synthetic latents (4x32x32 float16, the SD-VAE latents of 256x256 images) into a temporary folder
 as .npy shards, then times random global-batch reads the way the trainer makes them (torch.randint
 global indices, ``data.images[idx]`` -> float32): in the training process, and through DataLoader
-workers (diffusion/train.py's loader path). Prints samples/s and the samples/s DiT-XL/2 needs:
+workers (tread_bench/training/trainer.py's loader path). Prints samples/s and the samples/s DiT-XL/2 needs:
 
     need = H100 bf16 dense peak x MFU / training FLOPs per image
     training FLOPs per image = 3 (forward + backward) x forward GMACs x 2 FLOPs per MAC
@@ -26,7 +26,7 @@ import torch
 
 H100_BF16_DENSE = 989e12      # FLOP/s, H100 SXM bf16 dense (no sparsity)
 MFU = 0.4
-DIT_XL2_GMACS = 118.64        # forward MACs per 256x256 image (DiT convention; measure/flops.py, README table)
+DIT_XL2_GMACS = 118.64        # forward MACs per 256x256 image (DiT convention; tread_bench/measure/flops.py, README table)
 DIT_XL2_TREAD_GMACS = 69.17   # the same with TREAD r(2->24)@0.5 (README table)
 
 
@@ -55,8 +55,7 @@ def main(argv=None):
 
     from torch.utils.data import DataLoader
 
-    from data.latents import labels_name, load_latents, save_npy
-    from diffusion.train import _first, _Rows, _Sampler
+    from tread_bench.data.latents import BatchRows, BatchSampler, labels_name, load_latents, save_npy, whole_batch
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="latents_bench_") as tmp:
@@ -85,8 +84,8 @@ def main(argv=None):
             if w == 0:
                 rate = time_reads(lambda idx: data.images[idx], batches(), args.seconds)
             else:
-                loader = DataLoader(_Rows(data.images), batch_sampler=_Sampler(lambda: (b.tolist() for b in batches())),
-                                    num_workers=w, collate_fn=_first, prefetch_factor=2,
+                loader = DataLoader(BatchRows(data.images), batch_sampler=BatchSampler(lambda: (b.tolist() for b in batches())),
+                                    num_workers=w, collate_fn=whole_batch, prefetch_factor=2,
                                     generator=torch.Generator().manual_seed(0))
                 stream = iter(loader)
                 rate = time_reads(lambda _: next(stream).float(), batches(), args.seconds)

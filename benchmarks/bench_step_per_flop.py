@@ -1,8 +1,8 @@
 """Training-step time per training MAC of each backbone, and its ratio to DiT.
 
-One step = EDM loss forward + backward + AdamW update (``measure.throughput.make_train_step``), all
-configurations timed interleaved A B A B (``measure.throughput.measure_interleaved``); the p50 step
-time is divided by the training MACs of one step (``measure.flops.training_macs``: 3 x forward
+One step = the training loop's step (``tread_bench.measure.throughput.make_train_step``: EDM loss, backward, AdamW, EMA), all
+configurations timed interleaved A B A B (``tread_bench.measure.throughput.measure_interleaved``); the p50 step
+time is divided by the training MACs of one step (``tread_bench.measure.flops.training_macs``: 3 x forward
 MACs, scans by their ``scan_macs`` estimate, x batch). A backbone that turns its MACs into time as
 efficiently as DiT has ratio 1.
 
@@ -56,9 +56,10 @@ def main(argv=None):
 
     import backbones  # noqa: F401  (registers the backbones)
     from backbones.registry import backbone_sizes
-    from diffusion.train import build_denoiser
-    from measure.flops import count_forward_macs, training_macs
-    from measure.throughput import make_train_step, measure_interleaved
+    from diffusion import build_objective
+    from tread_bench.methods import build_network
+    from tread_bench.measure.flops import count_forward_macs, training_macs
+    from tread_bench.measure.throughput import make_train_step, measure_interleaved
 
     torch.set_num_threads(args.threads)
     span, _, rate = args.route.partition("@")
@@ -89,17 +90,23 @@ def main(argv=None):
                               routes=routes, selection=args.selection, batch=args.batch,
                               overrides={**overrides(name), **extra})
 
+    def build(spec):
+        objective = build_objective("edm")
+        return objective, objective.wrap(build_network(spec["backbone"], spec["size"], shape, args.num_classes,
+                                                       routes=spec["routes"], selection=spec["selection"],
+                                                       overrides=spec["overrides"]))
+
     macs = {}
     for key, spec in specs.items():
         with torch.device("meta"):
-            den = build_denoiser(spec["backbone"], spec["size"], shape, args.num_classes, spec["routes"],
-                                 spec["selection"], **spec["overrides"])
+            _, den = build(spec)
         fwd = count_forward_macs(den.net, args.input_size, args.channels, args.num_classes,
                                  routed=bool(spec["routes"]))
         macs[key] = training_macs(den.net, args.input_size, args.channels, args.num_classes,
                                   routed=bool(spec["routes"]), forward=fwd)["train_macs"] * args.batch
 
-    steps = {key: make_train_step(spec, args.device, "fp32") for key, spec in specs.items()}
+    steps = {key: make_train_step(*build(spec), shape, args.num_classes, args.batch, args.device, "fp32")
+             for key, spec in specs.items()}
     timed = measure_interleaved({f"{b} {r}": s for (b, r), s in steps.items()}, args.warmup, args.rounds,
                                 args.device)
 

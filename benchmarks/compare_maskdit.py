@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion.edm import EDMConfig, EDMDenoiser, edm_loss, sample_sigma  # noqa: E402
-from methods import build_network  # noqa: E402
+from tread_bench.methods import build_network  # noqa: E402
 
 NUM_CLASSES, CHANNELS, SIZE = 1000, 4, 32
 MASK_RATIO, MAE_WEIGHT = 0.5, 0.1

@@ -56,9 +56,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion.sampler import SamplerConfig  # noqa: E402
-from methods import build_network  # noqa: E402
-from methods.sprint import structured_groups, structured_selection  # noqa: E402
-from objectives import build_objective  # noqa: E402
+from tread_bench.methods import build_network  # noqa: E402
+from tread_bench.methods.sprint import structured_groups, structured_selection  # noqa: E402
+from diffusion import build_objective  # noqa: E402
 
 NUM_CLASSES = 1000
 # backbone -> (our size, input size, channels, official SiT keyword arguments making the same network)

@@ -1,6 +1,9 @@
-"""EDM diffusion: preconditioning, loss, Heun sampler with guidance, training loop."""
-from .edm import EDMConfig, EDMDenoiser, edm_loss, loss_weight, precond_coefficients, sample_sigma
-from .sampler import SamplerConfig, heun_sample, sigma_steps
+"""The diffusion formulations, each whole (as SiT's transport/): an objective wraps the network, draws a
+step's noise, computes the loss, and samples. Importing this package registers ``edm`` (the default) and
+``flow``; adding one is one file with ``@register_objective("name")`` plus ``suites/objective/<name>.yaml``."""
+from .objective import Objective, build_objective, list_objectives, register_objective
+from .sampler import SamplerConfig
 
-__all__ = ["EDMConfig", "EDMDenoiser", "edm_loss", "loss_weight", "precond_coefficients", "sample_sigma",
-           "SamplerConfig", "heun_sample", "sigma_steps"]
+from . import edm, flow  # noqa: F401  (register "edm" and "flow")
+
+__all__ = ["Objective", "SamplerConfig", "build_objective", "list_objectives", "register_objective"]

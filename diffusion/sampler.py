@@ -1,4 +1,4 @@
-"""EDM Heun sampler (Karras et al. 2022, Algorithm 1, deterministic) with three kinds of guidance.
+"""The sampler settings and the guided network evaluation every objective's ODE solver calls.
 
 - classifier-free guidance: D = D(x|null) + s (D(x|y) - D(x|null)), the null label being index num_classes;
 - selection-rate guidance (TREAD): routing forced at two rates g1 < g2, D = D_g2 + s (D_g1 - D_g2);
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 
 @dataclass
@@ -27,14 +26,6 @@ class SamplerConfig:
     rate_guidance: Optional[tuple] = None  # (g1, g2, scale) for selection-rate guidance
     route_rate: Optional[float] = None     # force routing at this rate for every evaluation
     uncond_rate: Optional[float] = None    # force this rate on CFG's unconditional evaluation only (PDG: 1.0)
-
-
-def sigma_steps(cfg: SamplerConfig, device=None) -> torch.Tensor:
-    """t_0..t_{N-1} from the rho-schedule, then t_N = 0 (float64)."""
-    i = torch.arange(cfg.steps, dtype=torch.float64, device=device)
-    smax, smin = cfg.sigma_max ** (1 / cfg.rho), cfg.sigma_min ** (1 / cfg.rho)
-    t = (smax + i / (cfg.steps - 1) * (smin - smax)) ** cfg.rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
 def guided_denoise(denoiser, x, sigma, labels, cfg: SamplerConfig, null_label: int):
@@ -58,20 +49,3 @@ def guided_denoise(denoiser, x, sigma, labels, cfg: SamplerConfig, null_label: i
     both = denoiser(torch.cat([x32, x32]), sigma, torch.cat([labels, torch.full_like(labels, null_label)]), **kwargs)
     cond, uncond = both.double().chunk(2)
     return uncond + cfg.cfg_scale * (cond - uncond)
-
-
-@torch.no_grad()
-def heun_sample(denoiser, noise: torch.Tensor, labels: torch.Tensor, cfg: SamplerConfig, null_label: int,
-                progress: bool = False) -> torch.Tensor:
-    """Integrate the probability-flow ODE from sigma_max to 0; ``noise`` is N(0, I) of the output shape."""
-    t = sigma_steps(cfg, noise.device)
-    x = noise.double() * t[0]
-    for i in tqdm(range(cfg.steps), desc="sampling", disable=not progress, leave=False):
-        t_cur, t_next = t[i], t[i + 1]
-        d_cur = (x - guided_denoise(denoiser, x, t_cur, labels, cfg, null_label)) / t_cur
-        x_next = x + (t_next - t_cur) * d_cur
-        if i < cfg.steps - 1:  # 2nd-order correction, skipped on the final step to sigma = 0
-            d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, null_label)) / t_next
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
-        x = x_next
-    return x

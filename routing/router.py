@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from backbones.protocol import BlockStack, full_positions
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 
 from .routes import Route, parse_routes, validate_routes
 from .selection import SELECTIONS, select

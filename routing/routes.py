@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Sequence, Tuple
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 
 # The paper's notation: "2->8@0.5", "r(2->8)@0.5", a negative end counted from the top ("2->-4@0.5").
 _NOTATION = re.compile(r"^\s*(?:r\(\s*(-?\d+)\s*->\s*(-?\d+)\s*\)|(-?\d+)\s*->\s*(-?\d+))\s*@\s*(\S+)\s*$")

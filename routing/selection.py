@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 
 SELECTIONS = ("random", "rows")
 

@@ -16,6 +16,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import pytest  # noqa: E402
 
+import tread_bench.kinds  # noqa: E402,F401  (the built-in suite kinds, as run_suite.py registers them)
+
 
 @pytest.fixture
 def one_thread():

@@ -10,7 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import run_suite
-import runner
+import tread_bench.engine
+from diffusion import build_objective
+from tread_bench.methods import build_network
 
 SUITES = str(Path(run_suite.__file__).resolve().parent / "suites")
 
@@ -19,15 +21,15 @@ def compose_suite(overrides):
     """The composed config, with scale=auto resolved as run_suite.py resolves it."""
     with initialize_config_dir(config_dir=SUITES, version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
-        return runner.apply_auto_scale(cfg, list(overrides), compose)
+        return tread_bench.engine.apply_auto_scale(cfg, list(overrides), compose)
 
 
 def run(overrides):
     """What run_suite.py does, in-process: ConfigErrors are raised (run_suite prints them and exits 2)."""
     cfg = compose_suite(overrides)
-    runner.validate_suite(cfg)
-    suite = runner.resolve_suite(cfg)
-    return runner.SUITE_KINDS[suite.get("kind", "train")](cfg, suite)
+    tread_bench.engine.validate_suite(cfg)
+    suite = tread_bench.engine.resolve_suite(cfg)
+    return tread_bench.engine.run_suite_kind(cfg, suite)
 
 
 def kill_once_logged(cmd, cwd, env, stats: Path, lines: int = 3, timeout: float = 600.0) -> None:
@@ -55,3 +57,11 @@ def rng_state_replays(net, x, t, y):
     assert not torch.equal(mask, other)  # the draws move on ...
     assert torch.equal(mask, mask_again) and torch.equal(first, again)  # ... and the saved state replays them
     return mask, state
+
+
+def build_denoiser(backbone: str, size: str, data_shape, num_classes: int, routes=(), selection="auto",
+                   fp32_after_route=True, seed=0, **backbone_overrides):
+    """TREAD ``routes`` on ``backbone`` (methods.build_network), wrapped by EDM: the model most tests train."""
+    net = build_network(backbone, size, data_shape, num_classes, "tread", seed=seed, fp32_after_route=fp32_after_route,
+                        overrides=backbone_overrides, routes=routes, selection=selection)
+    return build_objective("edm").wrap(net)

@@ -4,15 +4,15 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.errors import CheckpointError
-from data import load_dataset
-from diffusion.checkpoint import find_checkpoint, load_checkpoint
-from diffusion.train import Trainer, TrainConfig, build_denoiser
+from tread_bench.core.errors import CheckpointError
+from tread_bench.data import load_dataset
+from tread_bench.training.checkpoint import _load_state, find_checkpoint
+from tread_bench.training.trainer import Trainer, TrainConfig
+from suite_helpers import build_denoiser
 
 ROUTES = [{"start": 1, "end": 3, "rate": 0.5}]
 
@@ -82,7 +82,7 @@ def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     tr = trainer(tmp_path, 2)
     tr.train()
     tr.step = 3
-    import diffusion.checkpoint as ck
+    import tread_bench.training.checkpoint as ck
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing state.pt")
@@ -154,25 +154,14 @@ def test_unreadable_checkpoints_give_one_line_naming_the_file_and_the_fix(tmp_pa
     refused("manifest.json .*missing")
 
 
-def test_a_legacy_checkpoint_pt_still_resumes_with_weights_only(tmp_path):
+def test_an_old_format_checkpoint_pt_is_refused_in_one_line_that_says_to_rerun(tmp_path):
     tr = trainer(tmp_path / "new", 2)
     tr.train()
-    legacy = {"model": tr.raw.state_dict(), "ema": tr.ema.state_dict(), "optimizer": tr.opt.state_dict(),
-              "step": tr.step, "images_seen": tr.images_seen, "elapsed": tr.elapsed,
-              "rng": {"data": tr.data_gen.get_state(), "routing": tr.raw.net.rng_state(),
-                      "torch": torch.get_rng_state()},
-              "stats": tr.stats, "evals": [{"step": 2, "fid": np.float64(3.5)}], "window": tr.window,
-              "config": {"suite": {"name": "x"}}}
     (tmp_path / "old").mkdir()
-    torch.save(legacy, tmp_path / "old" / "checkpoint.pt")
+    torch.save({"model": tr.raw.state_dict(), "step": tr.step}, tmp_path / "old" / "checkpoint.pt")
     assert find_checkpoint(tmp_path / "old") == tmp_path / "old" / "checkpoint.pt"
-    fresh = trainer(tmp_path / "old", 4)
-    assert fresh.try_resume() and fresh.step == 2 and fresh.evals[0]["fid"] == 3.5
-    fresh.train()
-    assert (tmp_path / "old" / "checkpoint").is_dir() and not (tmp_path / "old" / "checkpoint.pt").exists()
-    whole = trainer(tmp_path / "whole", 4)
-    whole.train()
-    assert losses(fresh) == losses(whole)
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt is a checkpoint of a tread-bench version before .*force=true"):
+        trainer(tmp_path / "old", 4).try_resume()
 
 
 def test_state_that_weights_only_would_refuse_is_refused_when_saved(tmp_path):
@@ -182,5 +171,6 @@ def test_state_that_weights_only_would_refuse_is_refused_when_saved(tmp_path):
         tr.save()
     assert find_checkpoint(tmp_path) is None
     with pytest.raises(CheckpointError, match="not a training state"):
-        torch.save([1, 2], tmp_path / "checkpoint.pt")
-        load_checkpoint(tmp_path / "checkpoint.pt", tr.raw, tr.ema)
+        (tmp_path / "checkpoint").mkdir()
+        torch.save([1, 2], tmp_path / "checkpoint" / "state.pt")
+        _load_state(tmp_path / "checkpoint" / "state.pt", tmp_path / "checkpoint")

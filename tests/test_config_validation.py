@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import runner
-from core.errors import ConfigError
+import tread_bench.engine
+from tread_bench.core.errors import ConfigError
 from suite_helpers import compose_suite, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_hydra_composition_mistakes_get_one_line_and_exit_2(tmp_path, override, 
 
 
 def test_an_unknown_key_written_without_plus_names_the_plus_form():
-    from runner.schema import check_command_line
+    from tread_bench.engine.schema import check_command_line
 
     problem = check_command_line(["suite=smoke", "scale=tiny", "suite.train.stepz=5"], str(ROOT / "suites"))
     assert problem.endswith("(to add a key the config does not have, write +suite.train.stepz=5)")
@@ -122,9 +122,9 @@ def test_an_unknown_key_written_without_plus_names_the_plus_form():
 @pytest.mark.parametrize("routes", ['["1->3@0.5"]', '["r(1->3)@0.5"]', '["1->-3@0.5"]'])
 def test_routes_in_the_papers_notation(routes):
     cfg = compose_suite(["suite=smoke", "scale=tiny", f"suite.methods.tread.routes={routes}"])
-    runner.validate_suite(cfg)
-    (run_,) = [r for r in runner.expand_runs(runner.resolve_suite(cfg), cfg.scale) if r.method == "tread"]
-    runner.validate_run(run_, (1, 32, 32), 10)
+    tread_bench.engine.validate_suite(cfg)
+    (run_,) = [r for r in tread_bench.engine.expand_runs(tread_bench.engine.resolve_suite(cfg), cfg.scale) if r.method == "tread"]
+    tread_bench.engine.validate_run(run_, (1, 32, 32), 10)
     assert run_.routes_str() == "r(1->3)@0.5"  # depth 6: end -3 is block 3
 
 
@@ -132,7 +132,7 @@ def test_routes_in_the_papers_notation(routes):
 @pytest.mark.parametrize("suite", SUITES)
 def test_every_suite_validates_at_every_scale(suite, scale, monkeypatch):
     monkeypatch.delenv("IMAGENET_LATENTS", raising=False)
-    typed = runner.validate_suite(compose_suite([f"suite={suite}", f"scale={scale}"]))
+    typed = tread_bench.engine.validate_suite(compose_suite([f"suite={suite}", f"scale={scale}"]))
     assert typed["suite"].name == suite
 
 
@@ -149,10 +149,10 @@ def test_a_suite_whose_runs_all_fail_writes_its_table_and_exits_1(tmp_path, caps
 
 
 def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monkeypatch):
-    import runner.guidance as guidance
+    import tread_bench.kinds.guidance as guidance
 
     cfg = compose_suite(["suite=guidance", "scale=tiny", *dirs(tmp_path)])
-    suite = runner.resolve_suite(cfg)
+    suite = tread_bench.engine.resolve_suite(cfg)
     run_dir = tmp_path / "runs" / "guidance" / "tiny" / "dit-tiny-tread"
     run_dir.mkdir(parents=True)
     seen = []
@@ -172,8 +172,9 @@ def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monke
 
 
 def test_mamba_A_log_and_D_are_not_decayed(tmp_path):
-    from data import load_dataset
-    from diffusion.train import Trainer, TrainConfig, build_denoiser
+    from tread_bench.data import load_dataset
+    from tread_bench.training.trainer import Trainer, TrainConfig
+    from suite_helpers import build_denoiser
 
     data = load_dataset("synthetic", 32, limit=8)
     den = build_denoiser("mamba", "tiny", data.shape, data.num_classes)
@@ -187,11 +188,3 @@ def test_mamba_A_log_and_D_are_not_decayed(tmp_path):
                     tmp_path)
     assert len(plain.opt.param_groups) == 1  # no weight decay: one group, as checkpoints written before have
 
-
-def test_one_error_type_and_one_atomic_writer():
-    import backbones.registry
-    import core
-    import diffusion.checkpoint
-
-    assert backbones.registry.ConfigError is core.ConfigError
-    assert diffusion.checkpoint.atomic_write_text is core.atomic_write_text

@@ -1,4 +1,4 @@
-"""scale=dryrun (runner/dryrun.py) and bf16 autocast on CPU: the block after each route end runs in fp32, the loss is
+"""scale=dryrun (tread_bench/engine/dryrun.py) and bf16 autocast on CPU: the block after each route end runs in fp32, the loss is
 fp32."""
 import math
 import os
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import runner
-from core.errors import ConfigError
+import tread_bench.engine
+from tread_bench.core.errors import ConfigError
 from suite_helpers import compose_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ AFTER_END, ELSEWHERE = (2, 4), (0, 1, 3, 5)
 @pytest.mark.parametrize("objective", ["edm", "flow"])
 @pytest.mark.parametrize("fp32_after_route", [True, False])
 def test_bf16_autocast_runs_the_block_after_each_route_end_in_fp32_and_the_loss_in_fp32(objective, fp32_after_route):
-    from methods import build_network
-    from objectives import build_objective
+    from tread_bench.methods import build_network
+    from diffusion import build_objective
 
     torch.manual_seed(0)
     net = build_network("dit", "tiny", (4, 32, 32), 10, "tread", seed=0, fp32_after_route=fp32_after_route,
@@ -94,8 +94,9 @@ def fresh_accelerator_state():
 def test_bf16_training_step_of_the_trainer_on_cpu(tmp_path, fresh_accelerator_state):
     """The trainer's own step under precision=bf16 on CPU (accelerate's autocast): the block after each route end
     runs in fp32, the others in bf16, and the loss that is backpropagated is fp32."""
-    from data import load_dataset
-    from diffusion.train import Trainer, TrainConfig, build_denoiser
+    from tread_bench.data import load_dataset
+    from tread_bench.training.trainer import Trainer, TrainConfig
+    from suite_helpers import build_denoiser
 
     data = load_dataset("synthetic", 32, limit=16, channels=4, num_classes=10)
     den = build_denoiser("dit", "tiny", data.shape, data.num_classes, routes=ROUTES)
@@ -124,17 +125,17 @@ def test_bf16_training_step_of_the_trainer_on_cpu(tmp_path, fresh_accelerator_st
 def test_dryrun_scale_keeps_the_full_size_runs_on_synthetic_latents_of_the_real_shape(suite):
     full = compose_suite([f"suite={suite}", "scale=full"])
     dry = compose_suite([f"suite={suite}", "scale=dryrun"])
-    runner.validate_suite(dry)
-    s = runner.resolve_suite(dry)
-    full_runs = runner.expand_runs(runner.resolve_suite(full), full.scale)
-    dry_runs = runner.expand_runs(s, dry.scale)
+    tread_bench.engine.validate_suite(dry)
+    s = tread_bench.engine.resolve_suite(dry)
+    full_runs = tread_bench.engine.expand_runs(tread_bench.engine.resolve_suite(full), full.scale)
+    dry_runs = tread_bench.engine.expand_runs(s, dry.scale)
     # every run of the full suite, with its backbone size and routes (the full-size models are the point)
     assert [(r.run_id, r.size, r.routes) for r in dry_runs] == [(r.run_id, r.size, r.routes) for r in full_runs]
     assert s.dryrun and s.data.name == "synthetic" and s.data.resolution == 32
     assert dict(s.data.kwargs) == {"num": 64, "channels": 4, "num_classes": 1000}  # no latent path left over
     assert s.train.steps == 2 and s.train.global_batch == 2
     assert 0 < s.eval.samples <= 8 and 0 < s.eval.loss_images <= 8 and s.eval.vae == "random-sd-vae"
-    from data import load_dataset
+    from tread_bench.data import load_dataset
 
     data = load_dataset(s.data.name, s.data.resolution, **s.data.kwargs)
     assert data.shape == (4, 32, 32) and data.num_classes == 1000
@@ -143,7 +144,7 @@ def test_dryrun_scale_keeps_the_full_size_runs_on_synthetic_latents_of_the_real_
 def test_dryrun_scale_is_refused_for_a_suite_without_a_dryrun_file():
     with pytest.raises(ConfigError, match="scale=dryrun runs the paper suites .* suite smoke has no "
                                           "suites/suite_scale/smoke_dryrun.yaml"):
-        runner.validate_suite(compose_suite(["suite=smoke", "scale=dryrun"]))
+        tread_bench.engine.validate_suite(compose_suite(["suite=smoke", "scale=dryrun"]))
 
 
 # --------------------------------------------------------------------------------------------- fresh processes
@@ -152,7 +153,7 @@ def _killed_by_the_kernel():
 
 
 def _peak_after_allocating(mib):
-    from measure.memory import peak_rss_mib, rss_mib
+    from tread_bench.measure.memory import peak_rss_mib, rss_mib
 
     before = rss_mib()
     block = torch.ones(mib * 2**18)  # mib MiB of float32, touched
@@ -160,7 +161,7 @@ def _peak_after_allocating(mib):
 
 
 def test_a_run_process_killed_by_the_kernel_is_one_failure_line():
-    from runner.dryrun import run_in_fresh_process
+    from tread_bench.engine.dryrun import run_in_fresh_process
 
     with pytest.raises(RuntimeError, match=r"killed by signal SIGKILL \(SIGKILL: most likely the kernel's "
                                            r"out-of-memory killer\) before reporting a result"):
@@ -169,7 +170,7 @@ def test_a_run_process_killed_by_the_kernel_is_one_failure_line():
 
 def test_a_fresh_process_reports_its_own_peak():
     """The child's peak includes the 300 MiB tensor it allocated; the parent's 400 MiB are not in it."""
-    from runner.dryrun import run_in_fresh_process
+    from tread_bench.engine.dryrun import run_in_fresh_process
 
     ballast = torch.ones(400 * 2**18)  # 400 MiB in this process: a fresh child must not count it
     before, peak, last = run_in_fresh_process(_peak_after_allocating, 300)

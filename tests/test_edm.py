@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from diffusion import SamplerConfig, heun_sample, loss_weight, precond_coefficients, sigma_steps
+from diffusion import SamplerConfig
+from diffusion.edm import heun_sample, loss_weight, precond_coefficients, sigma_steps
 from diffusion.edm import EDMDenoiser, edm_loss
 from diffusion.sampler import guided_denoise
 

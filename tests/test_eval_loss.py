@@ -4,10 +4,12 @@ import math
 import pytest
 import torch
 
-from data.datasets import make_synthetic
+from tread_bench.data.datasets import make_synthetic
 from diffusion.edm import loss_weight
-from diffusion.train import Trainer, TrainConfig, build_denoiser
-from measure.eval_loss import EvalLossConfig, HeldOutLoss, quantile_sigmas
+from tread_bench.training.trainer import Trainer, TrainConfig
+from suite_helpers import build_denoiser
+from diffusion.edm import quantile_sigmas
+from tread_bench.measure.eval_loss import EvalLossConfig, HeldOutLoss
 
 
 def perturbed_denoiser(routes=(), seed=0):

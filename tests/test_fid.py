@@ -1,4 +1,4 @@
-"""FID / KID / precision-recall plumbing (measure/fid.py) against closed forms, SciPy and torch-fidelity itself.
+"""FID / KID / precision-recall plumbing (tread_bench/measure/fid.py) against closed forms, SciPy and torch-fidelity itself.
 
 Most tests use a cheap registered pixel-pooling extractor so the plumbing (batching, caching, npz references)
 runs in milliseconds; a few use the offline Inception port on tiny sets (Inception resizes to 299 internally)."""
@@ -15,8 +15,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from core.errors import ConfigError
-from measure import fid
+from tread_bench.core.errors import ConfigError
+from tread_bench.measure import fid
 
 PIXEL = "test-pixel-pool"
 needs_port = pytest.mark.skipif(fid.port_weights_path() is None, reason=f"needs {fid.PORT_INSTALL_HINT}")

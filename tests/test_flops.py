@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from backbones import build_backbone, list_backbones
-from measure import flops
+from tread_bench.measure import flops
 from routing import RoutedNetwork
 
 # Tiny DiT of the tests: 6 blocks, width 64, 4 heads, patch 4 on 32x32x4 -> 8x8 = 64 tokens.

@@ -4,13 +4,13 @@ import pandas as pd
 import pytest
 import torch
 
-from data.datasets import make_synthetic
+from tread_bench.data.datasets import make_synthetic
 from diffusion.sampler import SamplerConfig
-from diffusion.train import Trainer, TrainConfig
-from measure.eval_loss import EvalLossConfig, HeldOutLoss
-from methods import build_network
-from objectives import build_objective
-from objectives.flow import VelocityModel
+from tread_bench.training.trainer import Trainer, TrainConfig
+from tread_bench.measure.eval_loss import EvalLossConfig, HeldOutLoss
+from tread_bench.methods import build_network
+from diffusion import build_objective
+from diffusion.flow import VelocityModel
 from suite_helpers import run
 
 FLOW = build_objective("flow")
@@ -144,7 +144,7 @@ def test_smoke_suite_with_flow(tmp_path):
 def test_objective_group_moves_outputs_and_unknown_objective_is_refused():
     from hydra import compose, initialize_config_dir
 
-    from core.errors import ConfigError
+    from tread_bench.core.errors import ConfigError
     from suite_helpers import SUITES
 
     with initialize_config_dir(config_dir=SUITES, version_base="1.3"):

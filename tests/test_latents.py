@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from core.errors import ConfigError
-from data import ImageSet, load_dataset
-from data.encode_latents import center_crop, encode_folder
-from data.latents import ShardedLatents, load_latents, write_latent_shards
+from tread_bench.core.errors import ConfigError
+from tread_bench.data import ImageSet, load_dataset
+from tread_bench.data.encode_latents import center_crop, encode_folder
+from tread_bench.data.latents import ShardedLatents, load_latents, write_latent_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,8 @@ def test_damaged_shards_are_refused_with_the_fix(tmp_path):
 
 
 def run_trainer(data, run_dir, steps, workers, resume=False, **cfg):
-    from diffusion.train import Trainer, TrainConfig, build_denoiser
+    from tread_bench.training.trainer import Trainer, TrainConfig
+    from suite_helpers import build_denoiser
 
     torch.manual_seed(0)
     den = build_denoiser("dit", "tiny", data.shape, data.num_classes, routes=[{"start": 1, "end": 3, "rate": 0.5}])
@@ -165,10 +166,12 @@ def test_training_on_disk_latents_draws_what_training_in_memory_draws(tmp_path):
 
 RSS_SCRIPT = """
 import sys, torch
-from data import load_dataset
-from diffusion.train import Trainer, TrainConfig, build_denoiser
+from tread_bench.data import load_dataset
+from diffusion import build_objective
+from tread_bench.methods import build_network
+from tread_bench.training.trainer import Trainer, TrainConfig
 data = load_dataset("latents", 32, path=sys.argv[1])
-den = build_denoiser("dit", "tiny", data.shape, data.num_classes)
+den = build_objective("edm").wrap(build_network("dit", "tiny", data.shape, data.num_classes))
 tr = Trainer(den, data, TrainConfig(global_batch=256, loader_workers=0), sys.argv[2])
 for _ in range(50):
     x, y, draws = tr._draw_batch()

@@ -1,14 +1,17 @@
 """Token-reduction methods as plug-ins: the registry, a second method defined in this file running through
 the suite's train kind, FLOP counting through the interface, and the random state a checkpoint saves."""
+import math
+
 import pandas as pd
 import pytest
 import torch
 
 from backbones.protocol import full_positions
-from core.errors import ConfigError
-from measure.flops import flops_table_row
-from measure.throughput import make_train_step
-from methods import Method, build_method, build_network, list_methods, register_method
+from diffusion import build_objective
+from tread_bench.core.errors import ConfigError
+from tread_bench.measure.flops import flops_table_row
+from tread_bench.measure.throughput import make_train_step
+from tread_bench.methods import Method, build_method, build_network, list_methods, register_method
 from routing import gather_tokens, scatter_tokens
 from suite_helpers import rng_state_replays, run
 
@@ -98,9 +101,9 @@ def test_flops_and_throughput_go_through_the_interface():
             flops_table_row("dit", "tiny", kind="test_stride", **data)
     finally:
         del Strided.tokens_per_block
-    spec = dict(backbone="dit", size="tiny", kind="test_stride", method_args={"start": 1, "end": 3},
-                data_shape=(1, 32, 32), num_classes=10, batch=2, objective={"name": "flow"})
-    make_train_step(spec, "cpu", "fp32")()
+    objective = build_objective("flow")
+    model = objective.wrap(build_network("dit", "tiny", (1, 32, 32), 10, "test_stride", start=1, end=3))
+    assert math.isfinite(make_train_step(objective, model, (1, 32, 32), 10, 2, "cpu", "fp32")())
 
 
 def test_rng_state_restores_the_same_routing():

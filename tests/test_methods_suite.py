@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-import runner
-from measure.flops import _Mode, example_inputs, torch_macs
-from methods import build_network
+import tread_bench.engine
+from tread_bench.measure.flops import torch_forward_macs
+from tread_bench.methods import build_network
 from suite_helpers import compose_suite, run
 
 METHODS = ["baseline", "tread", "maskdit", "sprint", "drop"]
@@ -18,12 +18,12 @@ BACKBONES = ["dit", "rwkv", "mamba", "lightningdit"]
 def test_the_methods_suite_builds_every_run_at_every_scale(scale, monkeypatch):
     monkeypatch.delenv("IMAGENET_LATENTS", raising=False)
     cfg = compose_suite(["suite=methods", f"scale={scale}"])
-    runner.validate_suite(cfg)
-    suite = runner.resolve_suite(cfg)
-    runs = runner.expand_runs(suite, cfg.scale)
+    tread_bench.engine.validate_suite(cfg)
+    suite = tread_bench.engine.resolve_suite(cfg)
+    runs = tread_bench.engine.expand_runs(suite, cfg.scale)
     shape, classes = ((4, 32, 32), 1000) if cfg.scale.name == "full" else ((1, 32, 32), 10)
     for r in runs:
-        runner.validate_run(r, shape, classes)  # meta device: every stage of every schedule applied and checked
+        tread_bench.engine.validate_run(r, shape, classes)  # meta device: every stage of every schedule applied and checked
     pairs = {(r.backbone, r.method) for r in runs}
     if cfg.scale.name == "full":  # every backbone x every method at B/2, one seed, 400K steps
         assert pairs == {(b, m) for b in BACKBONES for m in METHODS} and {r.size for r in runs} == {"B/2"}
@@ -45,8 +45,7 @@ def test_the_methods_suite_builds_every_run_at_every_scale(scale, monkeypatch):
 def forward_macs(size, shape=(4, 32, 32), classes=1000, kind="tread", **args):
     with torch.device("meta"):
         net = build_network("dit", size, shape, classes, kind, **args)
-    with _Mode(net, routed=False, force_rate=None) as kwargs:
-        macs = torch_macs(net, example_inputs(shape[1], shape[0], classes, "meta"), kwargs)["macs"]
+    macs = torch_forward_macs(net, shape, classes, routed=False)["macs"]
     return macs, sum(p.numel() for p in net.parameters())
 
 
@@ -70,8 +69,8 @@ def test_the_scaled_maskdit_decoders_cost_what_the_official_one_costs_on_xl():
 
 def test_plan_of_the_full_suite(tmp_path, capsys):
     cfg = compose_suite(["suite=methods", "scale=full", "plan=true", f"results_dir={tmp_path}", "only=dit-B2"])
-    runner.validate_suite(cfg)
-    assert runner.run_plan(cfg, runner.resolve_suite(cfg)) == 0
+    tread_bench.engine.validate_suite(cfg)
+    assert tread_bench.engine.run_plan(cfg, tread_bench.engine.resolve_suite(cfg)) == 0
     plan = pd.read_csv(tmp_path / "methods_full_plan.csv").set_index("run_id")
     assert len(plan) == 10 and set(plan.backbone) == {"dit", "lightningdit"}  # `only` matches lightningdit-B2 too
     assert not (tmp_path / "runs").exists()

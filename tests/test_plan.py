@@ -2,14 +2,17 @@
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-import runner
-from core.errors import ConfigError
+import tread_bench.engine
+from diffusion import build_objective
+from tread_bench.core.errors import ConfigError
+from tread_bench.methods import build_network
 from suite_helpers import compose_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,16 +50,16 @@ def test_plan_of_dit_scaling_full_on_cpu_trains_nothing(tmp_path):
 def test_plan_is_refused_for_a_suite_that_trains_nothing(tmp_path):
     cfg = compose_suite(["suite=flops", "plan=true", f"results_dir={tmp_path}/r"])
     with pytest.raises(ConfigError, match="plan=true plans suites that train"):
-        runner.validate_suite(cfg)
+        tread_bench.engine.validate_suite(cfg)
     with pytest.raises(ConfigError, match="plan_mfu = 1.5: must be in"):
-        runner.validate_suite(compose_suite(["suite=smoke", "plan=true", "plan_mfu=1.5"]))
+        tread_bench.engine.validate_suite(compose_suite(["suite=smoke", "plan=true", "plan_mfu=1.5"]))
 
 
 def test_memory_counts_the_blocks_a_method_adds():
     """MaskDiT on the tiny DiT (6 blocks, width 64, 64 tokens) at mask 0.5 with a 2 x 32 decoder: by hand, the
     backbone's blocks see 32 tokens of width 64 and the decoder's blocks all 64 tokens at width 32."""
-    from measure.memory import block_shapes, estimate_training_memory
-    from methods import build_network
+    from tread_bench.measure.memory import block_shapes, estimate_training_memory
+    from tread_bench.methods import build_network
 
     with torch.device("meta"):
         net = build_network("dit", "tiny", (1, 32, 32), 10, "maskdit", mask_ratio=0.5, decoder_depth=2,
@@ -70,18 +73,24 @@ def test_memory_counts_the_blocks_a_method_adds():
 MAX_MASKDIT = dict(kind="maskdit", method_args=dict(mask_ratio=0.5, decoder_depth=4, decoder_width=64, decoder_heads=4))
 
 
+def edm_dit_xs4(method: dict):
+    """(EDM, EDM-wrapped DiT-XS/4 on 32x32x1 with ``method``): a builder the memory probe's process can unpickle."""
+    args = dict(method.get("method_args", {}), **{k: v for k, v in method.items() if k not in ("kind", "method_args")})
+    objective = build_objective("edm")
+    return objective, objective.wrap(build_network("dit", "XS/4", (1, 32, 32), 10, method.get("kind", "tread"), **args))
+
+
 @pytest.mark.parametrize("method", [dict(routes=[]), dict(routes=[{"start": 2, "end": 8, "rate": 0.5}]), MAX_MASKDIT],
                          ids=["baseline", "tread", "maskdit"])
 def test_memory_estimate_within_25_percent_of_a_measured_cpu_peak(method):
     """DiT-XS/4 at batch 64 on 32x32x1 (activations dominate), fp32 on CPU: estimate vs peak RSS growth of a fresh
     process running 2 steps with AdamW and an EMA copy. Measured here: -3% (baseline), +9% (TREAD); MaskDiT with a
     4 x 64 decoder (as many decoder as backbone activations per block): see the closing note."""
-    from measure.memory import estimate_training_memory, measure_cpu_peak
-    from measure.throughput import build_spec_network
+    from tread_bench.measure.memory import estimate_training_memory, measure_cpu_peak
 
-    spec = dict(backbone="dit", size="XS/4", data_shape=(1, 32, 32), num_classes=10, selection="auto", **method)
+    build = partial(edm_dit_xs4, method)
     with torch.device("meta"):
-        net = build_spec_network(spec)
-    estimate = estimate_training_memory(net, spec["data_shape"], spec["num_classes"], 64, "fp32")["total"] / 2**20
-    measured = measure_cpu_peak(spec, 64)["growth_mb"]
+        _, model = build()
+    estimate = estimate_training_memory(model.net, (1, 32, 32), 10, 64, "fp32")["total"] / 2**20
+    measured = measure_cpu_peak(build, (1, 32, 32), 10, 64)["growth_mb"]
     assert estimate == pytest.approx(measured, rel=0.25), (estimate, measured)

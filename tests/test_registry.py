@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from backbones import BlockStack, build_backbone, list_backbones, register_backbone
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 from suite_helpers import run
 
 

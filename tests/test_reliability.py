@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.errors import ConfigError
-from core.io import atomic_write_text
+from tread_bench.core.errors import ConfigError
+from tread_bench.core.io import atomic_write_text
 from suite_helpers import kill_once_logged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_unknown_suite_and_config_key_are_refused(tmp_path):
 
 
 def test_latent_shape_and_scaling_mismatch(tmp_path):
-    from data.latents import load_latents
+    from tread_bench.data.latents import load_latents
 
     folder = tmp_path / "lat"
     folder.mkdir()
@@ -146,8 +146,9 @@ def test_row_selection_on_tokens_that_are_not_a_grid():
 def test_global_batch_must_divide_by_processes():
     from types import SimpleNamespace
 
-    from data import load_dataset
-    from diffusion.train import Trainer, TrainConfig, build_denoiser
+    from tread_bench.data import load_dataset
+    from tread_bench.training.trainer import Trainer, TrainConfig
+    from suite_helpers import build_denoiser
 
     data = load_dataset("synthetic", 32, limit=8)
     den = build_denoiser("dit", "tiny", data.shape, data.num_classes)
@@ -177,7 +178,7 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path):
 def test_a_table_written_with_no_rows_takes_rows_later(tmp_path):
     """An `only=` sitting without a baseline writes its speedup table with no rows (one empty line); the next
     sitting upserts into it instead of failing on a file with no columns."""
-    from measure.results import upsert_csv
+    from tread_bench.measure.results import upsert_csv
 
     path = tmp_path / "speedup.csv"
     assert len(upsert_csv(path, [], ["run_id"])) == 0

@@ -1,13 +1,13 @@
 """suite.reuse_from: a run another suite finished under the same protocol is copied, not trained; any change of
-protocol trains it; the source is never touched (runner/reuse.py)."""
+protocol trains it; the source is never touched (tread_bench/engine/reuse.py)."""
 import json
 
 import pandas as pd
 import pytest
 
-from core.errors import ConfigError
-from runner.reuse import protocol_hash
-from runner.spec import config_hash
+from tread_bench.core.errors import ConfigError
+from tread_bench.engine.reuse import protocol_hash
+from tread_bench.engine.spec import config_hash
 from suite_helpers import run
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from backbones import build_backbone
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 from routing import RoutedNetwork, Route, parse_routes, random_selection
 from toy_backbones import AdditiveStack
 

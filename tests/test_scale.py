@@ -3,7 +3,7 @@ scale on Fashion-MNIST (config composition only, no training)."""
 import pytest
 import torch
 
-import runner
+import tread_bench.engine
 from suite_helpers import compose_suite
 
 IMAGENET_SUITES = ["arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance"]
@@ -19,19 +19,19 @@ def test_without_latents_resolves_to_cpu_scale(suite, capsys):
     cfg = compose_suite([f"suite={suite}"])
     assert cfg.scale.name == "cpu" and cfg.suite.data.name == "fashion_mnist"
     assert "IMAGENET_LATENTS" in capsys.readouterr().out  # the one line that says how to get the full scale
-    s = runner.resolve_suite(cfg)
-    runs = runner.expand_runs(s, cfg.scale)
+    s = tread_bench.engine.resolve_suite(cfg)
+    runs = tread_bench.engine.expand_runs(s, cfg.scale)
     assert runs and {r.size for r in runs} == {"XS/4"}
     for r in runs:  # the paper's 12-block routes apply unchanged at the CPU scale
-        den = runner.validate_run(r, (1, 32, 32), 10)
+        den = tread_bench.engine.validate_run(r, (1, 32, 32), 10)
         assert den.net.backbone.depth == 12
 
 
 def test_cpu_study_protocol():
     cfg = compose_suite(["suite=arch_agnostic"])
-    s = runner.resolve_suite(cfg)
+    s = tread_bench.engine.resolve_suite(cfg)
     assert list(s.seeds) == [0, 1, 2] and s.eval.loss_images > 0 and s.eval.samples > 0
-    runs = runner.expand_runs(s, cfg.scale)
+    runs = tread_bench.engine.expand_runs(s, cfg.scale)
     by_backbone = {}
     for r in runs:
         by_backbone.setdefault(r.backbone, set()).add((r.method, r.seed))
@@ -53,7 +53,7 @@ def test_with_latents_resolves_to_full_scale(how, monkeypatch, tmp_path, capsys)
     assert cfg.suite.data.kwargs.path == str(tmp_path)
     assert "scale: full" in capsys.readouterr().out
     with torch.device("meta"):
-        runs = runner.expand_runs(runner.resolve_suite(cfg), cfg.scale)
+        runs = tread_bench.engine.expand_runs(tread_bench.engine.resolve_suite(cfg), cfg.scale)
     assert {r.size for r in runs} == {"B/2"}
 
 

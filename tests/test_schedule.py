@@ -1,4 +1,4 @@
-"""Two-stage schedules (methods/schedule.py): a run changes its method's settings at a given step.
+"""Two-stage schedules (tread_bench/methods/schedule.py): a run changes its method's settings at a given step.
 
 Checked here: every bad schedule is one ConfigError line before anything is written; across the boundary an
 interrupted and resumed run gives the uninterrupted run's losses exactly (crash before, at and after the
@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from core.errors import ConfigError
-from data import load_dataset
-from diffusion.train import Trainer, TrainConfig, TrainingDiverged
-from methods import Method, build_network, cumulative_cost, parse_schedule, stage_index, stage_starts
-from objectives import build_objective
-from runner.spec import RunSpec, config_hash
+from tread_bench.core.errors import ConfigError
+from tread_bench.data import load_dataset
+from tread_bench.training.trainer import Trainer, TrainConfig, TrainingDiverged
+from tread_bench.methods import Method, build_network, cumulative_cost, parse_schedule, stage_index, stage_starts
+from diffusion import build_objective
+from tread_bench.engine.spec import RunSpec, config_hash
 from suite_helpers import kill_once_logged, run
 from test_token_methods import tiny_macs
 
@@ -173,13 +173,13 @@ def test_train_flops_column_follows_the_stages_against_a_hand_count(tmp_path):
 
 
 def test_plan_sums_the_stages_and_takes_the_largest_memory(tmp_path, capsys):
-    from runner.plan import plan_row
+    from tread_bench.engine.plan import plan_row
     from suite_helpers import compose_suite
-    import runner
+    import tread_bench.engine
 
     cfg = compose_suite(["suite=methods", "scale=tiny", "suite.methods.maskdit.decoder_depth=2"])
-    suite = runner.resolve_suite(cfg)
-    (maskdit,) = [r for r in runner.expand_runs(suite, cfg.scale) if r.run_id == "dit-tiny-maskdit" and r.seed == 0]
+    suite = tread_bench.engine.resolve_suite(cfg)
+    (maskdit,) = [r for r in tread_bench.engine.expand_runs(suite, cfg.scale) if r.run_id == "dit-tiny-maskdit" and r.seed == 0]
     row = plan_row(maskdit, suite, (1, 32, 32), 10, 1, 0.4)
     masked, unmasked = 3 * tiny_macs("maskdit", 32, norms=False), 3 * tiny_macs("maskdit", 64, norms=False)
     assert row["total_train_flops"] == 16 * (6 * masked + 2 * unmasked)  # the torch counter: no norms
@@ -297,11 +297,11 @@ def test_the_configuration_hash_includes_the_schedule_and_runs_without_one_keep_
 
 
 def test_the_routes_column_says_the_schedule():
-    import runner
+    import tread_bench.engine
     from suite_helpers import compose_suite
 
     cfg = compose_suite(["suite=methods", "scale=full"])
-    runs = {r.run_id: r for r in runner.expand_runs(runner.resolve_suite(cfg), cfg.scale)}
+    runs = {r.run_id: r for r in tread_bench.engine.expand_runs(tread_bench.engine.resolve_suite(cfg), cfg.scale)}
     expected = {
         "dit-B2-maskdit": "maskdit@0.5, decoder 4x320, mae 0.1; from step 384000: maskdit@0",
         "dit-B2-sprint": "sprint(2->9)@0.75, path drop 0.1; from step 360000: sprint(2->9)@0",
@@ -311,7 +311,7 @@ def test_the_routes_column_says_the_schedule():
     selections = {}
     for run_id, text in expected.items():
         r = runs[run_id]
-        model = runner.validate_run(r, (4, 32, 32), 1000)
+        model = tread_bench.engine.validate_run(r, (4, 32, 32), 1000)
         assert r.routes_str() == text
         assert model.net.describe() == text.split(";")[0]  # the returned network is at the entry's own settings
         selections[run_id] = model.net.selection

@@ -4,7 +4,7 @@ import math
 import pandas as pd
 import pytest
 
-from measure.speedup import speedup_markdown, speedup_table, time_to_reach, value_at
+from tread_bench.measure.speedup import speedup_markdown, speedup_table, time_to_reach, value_at
 
 
 def test_time_to_reach_interpolates_linearly():

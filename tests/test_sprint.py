@@ -1,4 +1,4 @@
-"""SPRINT (methods/sprint.py) against independent truth: a literal per-sample, per-token loop for the token
+"""SPRINT (tread_bench/methods/sprint.py) against independent truth: a literal per-sample, per-token loop for the token
 bookkeeping, hand counts for the grouping and the FLOPs, a hand-written combination of two forward calls for
 path-drop guidance, the suite for training, resume and bad input."""
 import pandas as pd
@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 from diffusion.sampler import SamplerConfig, guided_denoise
-from diffusion.train import Trainer, TrainConfig
-from data import load_dataset
-from measure.flops import count_forward_macs, flops_table_row
-from methods import build_network
-from methods.sprint import structured_groups, structured_selection, subgrid_selection
-from objectives import build_objective
+from tread_bench.training.trainer import Trainer, TrainConfig
+from tread_bench.data import load_dataset
+from tread_bench.measure.flops import count_forward_macs, flops_table_row
+from tread_bench.methods import build_network
+from tread_bench.methods.sprint import structured_groups, structured_selection, subgrid_selection
+from diffusion import build_objective
 from suite_helpers import rng_state_replays, run
 
 SHAPE, CLASSES = (1, 32, 32), 10  # tiny backbones: 8x8 tokens of width 64, 6 blocks

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from measure.stats import format_ci, mean_ci, summarise
+from tread_bench.measure.stats import format_ci, mean_ci, summarise
 
 
 def test_three_seeds_t_interval_by_hand():

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 from suite_helpers import run
 
 COLUMNS = ["suite", "backbone", "size", "method", "routes", "selection", "params", "steps", "images_seen",

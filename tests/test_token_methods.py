@@ -1,4 +1,4 @@
-"""MaskDiT (methods/maskdit.py) and drop-and-discard (methods/drop.py): token bookkeeping against literal loops,
+"""MaskDiT (tread_bench/methods/maskdit.py) and drop-and-discard (tread_bench/methods/drop.py): token bookkeeping against literal loops,
 the loss against a hand computation (EDM and flow), FLOPs against a hand count (decoder included), training
 through the smoke suite, exact resume, process-count independence and one-line errors for bad input.
 (Equivalence with the official MaskDiT code: benchmarks/compare_maskdit.py, which needs its checkout.)"""
@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from core.errors import ConfigError
-from data import load_dataset
-from diffusion.train import Trainer, TrainConfig
-from measure import flops
-from measure.flops import flops_table_row
-from methods import build_network
-from objectives import build_objective
+from tread_bench.core.errors import ConfigError
+from tread_bench.data import load_dataset
+from tread_bench.training.trainer import Trainer, TrainConfig
+from tread_bench.measure import flops
+from tread_bench.measure.flops import flops_table_row
+from tread_bench.methods import build_network
+from diffusion import build_objective
 from suite_helpers import SUITES, run
 
 SHAPE, CLASSES = (1, 32, 32), 10          # tiny backbones: 8x8 grid of 4x4 patches, width 64, 6 blocks

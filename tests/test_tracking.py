@@ -1,10 +1,10 @@
-"""Live tracking (runner/tracking.py): tensorboard events under the run folder, none with tracker=none."""
+"""Live tracking (tread_bench/engine/tracking.py): tensorboard events under the run folder, none with tracker=none."""
 import sys
 import types
 
 import pytest
 
-from core.errors import ConfigError
+from tread_bench.core.errors import ConfigError
 from suite_helpers import run
 
 ARGS = ["suite=smoke", "scale=tiny", "suite.train.steps=4", "suite.train.log_every=2", "suite.data.limit=64",
@@ -56,7 +56,7 @@ def test_wandb_tracker_goes_through_accelerates_wandb_tracker(tmp_path, monkeypa
     """With a stand-in wandb module: the run is initialised with its name and folder, numbers and images logged."""
     import torch
 
-    from runner.tracking import RunTracker
+    from tread_bench.engine.tracking import RunTracker
 
     calls = []
     fake = types.ModuleType("wandb")
@@ -64,7 +64,7 @@ def test_wandb_tracker_goes_through_accelerates_wandb_tracker(tmp_path, monkeypa
         log=lambda values, step=None, **k: calls.append(("log", values, step)), finish=lambda: calls.append(("finish",)))
     fake.Image = lambda image: ("image", tuple(image.shape))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.setattr("runner.tracking.check_tracker", lambda name: None)
+    monkeypatch.setattr("tread_bench.engine.tracking.check_tracker", lambda name: None)
     tracker = RunTracker("wandb", tmp_path, "dit-tiny-baseline-seed0", "smoke_tiny", {"lr": 1e-3})
     tracker.log({"train/loss": 0.5, "note": "text", "nan": float("nan")}, step=3)
     tracker.log_grid(torch.zeros(10, 1, 8, 8), 10, step=3)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from data import load_dataset
+from tread_bench.data import load_dataset
 from diffusion.edm import edm_loss, sample_sigma, EDMConfig
-from diffusion.train import build_denoiser
+from suite_helpers import build_denoiser
 
 
 def fixed_batch_loss_drop(routes, steps):

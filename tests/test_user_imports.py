@@ -142,8 +142,8 @@ def test_a_module_that_cannot_be_imported_is_one_error_line(user_folder, tmp_pat
 
 
 def test_import_errors_inside_the_module_and_bad_names_are_config_errors(user_folder, monkeypatch):
-    from core.errors import ConfigError
-    from runner import import_user_modules
+    from tread_bench.core.errors import ConfigError
+    from tread_bench.engine import import_user_modules
 
     monkeypatch.setattr(sys, "path", list(sys.path))  # restored afterwards: the user's folder is appended
     expected = (r"cannot import module 'my_nets.broken' listed in imports=\[my_nets.broken\]: "

@@ -1,0 +1,10 @@
+"""The leaf of the import graph: what every package may import without importing another one.
+
+``tread_bench.core.errors.ConfigError`` is the user-facing error (run_suite prints its message as one ``error:`` line
+and exits 2); ``tread_bench.core.io`` writes files atomically. Nothing here imports torch or another package of this
+project, so backbones, routing, data, diffusion, measure and runner can all depend on it.
+"""
+from .errors import CheckpointError, ConfigError
+from .io import atomic_write, atomic_write_text
+
+__all__ = ["CheckpointError", "ConfigError", "atomic_write", "atomic_write_text"]

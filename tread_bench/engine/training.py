@@ -1,0 +1,258 @@
+"""Training a suite's runs: one run trained (or resumed) and evaluated into table rows, and the three ways a
+suite's pending runs are executed. The train and guidance kinds both train through here."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tread_bench.core.errors import ConfigError
+from tread_bench.core.io import atomic_write_text
+from tread_bench.measure.memory import rss_mib
+
+from .spec import RunSpec, build_run_network, run_stages
+from .tracking import open_tracker
+
+# evaluation columns logged to the tracker (with every eval_loss* column)
+EVAL_METRICS = ("fid", "kid", "precision", "recall")
+
+
+def fid_reference(suite: DictConfig, eval_cfg):
+    """(reference, name): an npz of statistics, or the images of the suite's reference split."""
+    from tread_bench.data import load_dataset
+
+    if eval_cfg.reference_npz:
+        if not Path(eval_cfg.reference_npz).exists():
+            raise ConfigError(f"missing FID reference {eval_cfg.reference_npz}; fix suite.eval.reference_npz")
+        return str(eval_cfg.reference_npz), Path(eval_cfg.reference_npz).stem
+    if suite.data.name == "latents":
+        raise ConfigError("FID on latents needs suite.eval.reference_npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)"
+                          " or ADM_REFERENCE set; or set suite.eval.samples=0")
+    ref = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.reference_split,
+                       limit=eval_cfg.reference_limit, **(suite.data.get("kwargs") or {}))
+    return ref.images, f"{ref.name}-{len(ref)}"
+
+
+def held_out_loss(suite: DictConfig, eval_cfg, data, objective=None):
+    """The fixed held-out evaluation loss of tread_bench/measure/eval_loss.py, or None when turned off."""
+    from tread_bench.data import load_dataset
+    from tread_bench.measure.eval_loss import EvalLossConfig, HeldOutLoss
+
+    if eval_cfg.loss_images <= 0:
+        return None
+    if suite.data.name == "latents":
+        path = (suite.eval.get("loss_path") if suite.get("eval") else None)
+        if not path:
+            print("eval loss: off (latent suites need suite.eval.loss_path, a latent folder of held-out images)")
+            return None
+        held = load_dataset("latents", suite.data.resolution, path=path, limit=eval_cfg.loss_images)
+    else:
+        held = load_dataset(suite.data.name, suite.data.resolution, split=eval_cfg.loss_split,
+                            limit=eval_cfg.loss_images, **(suite.data.get("kwargs") or {}))
+    if held.shape != data.shape:
+        raise ConfigError(f"held-out images have shape {held.shape}, training data {data.shape}; fix suite.eval.loss_*")
+    cfg = EvalLossConfig(images=eval_cfg.loss_images, levels=eval_cfg.loss_levels, seed=eval_cfg.loss_seed,
+                         batch=eval_cfg.loss_batch, split=eval_cfg.loss_split)
+    return HeldOutLoss(held.images, held.labels, cfg, objective)
+
+
+def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
+              tracker: str = "none", memory: dict | None = None):
+    """Train (or resume) one run; returns (summary, trainer); trainer.evals holds the evaluation rows.
+
+    At every evaluation point (suite.eval.every, and the final step), off the training clock: the held-out
+    evaluation loss of the EMA model, a sample grid (same noise and labels for every run and point), and
+    FID (at every point, or only the final one with eval.fid_at=final). ``tracker`` (tensorboard, wandb or
+    none; tread_bench/engine/tracking.py) logs the training curve, the evaluations and the grids as they happen.
+    ``memory`` (a dict; dry runs) gets the process's peak memory at the start of the final evaluation: training's.
+    """
+    from diffusion.sampler import SamplerConfig
+    from tread_bench.training.trainer import Trainer, TrainConfig
+    from tread_bench.measure.evaluate import EvalConfig, FIDEvaluator, decode_latents
+    from tread_bench.measure.flops import train_macs_per_stage
+    from tread_bench.methods import cumulative_cost, stage_starts
+    from tread_bench.measure.samples import sample_grid, save_grid
+    from diffusion import build_objective
+
+    train_cfg = TrainConfig(**OmegaConf.to_container(suite.train), seed=run.seed)
+    eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
+    torch.manual_seed(train_cfg.seed)
+    objective = build_objective(**run.objective)
+    den = objective.wrap(build_run_network(run, data.shape, data.num_classes, seed=train_cfg.seed + 1,
+                                           fp32_after_route=train_cfg.fp32_after_route))
+    trainer = Trainer(den, data, train_cfg, run_dir, config_snapshot=snapshot, objective=objective,
+                      schedule=run_stages(run))
+    resumed = trainer.try_resume()
+    trainer.tracker = open_tracker(tracker, run_dir, run.dir_name, f"{run.suite}_{run.scale}", snapshot,
+                                   resumed_step=trainer.step)
+    with torch.device("meta"):
+        meta_net = build_run_network(run, data.shape, data.num_classes)
+    stage_macs = train_macs_per_stage(meta_net, trainer.stages, data.shape, data.num_classes)  # per image
+    starts = stage_starts(trainer.stages)
+    fid = (FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes, objective)
+           if eval_cfg.samples > 0 else None)
+    loss = held_out_loss(suite, eval_cfg, data, objective)
+    grid_sampler = SamplerConfig(steps=eval_cfg.sampler_steps)
+    decode = (lambda z: decode_latents(z, eval_cfg.vae, eval_cfg.latent_scaling, eval_cfg.vae_batch, device)
+              ) if eval_cfg.vae else None
+
+    def on_eval(tr):
+        recent = [s["loss"] for s in tr.stats[-3:]] or [float("nan")]
+        row = {"step": tr.step, "images_seen": tr.images_seen, "wall_time_s": tr.elapsed,
+               "train_flops": cumulative_cost(tr.step, starts, stage_macs, units_per_step=tr.cfg.global_batch),
+               "loss": sum(recent) / len(recent)}
+        final = tr.step >= tr.cfg.steps
+        if memory is not None and final:
+            from .dryrun import peak_memory
+
+            memory.update({f"train_{k}": v for k, v in peak_memory(device).items()})
+        if loss is not None:
+            row.update(loss(tr.ema_denoiser, tr.acc.device))
+        if eval_cfg.grid_per_class > 0 and tr.acc.is_main_process:
+            images, cols = sample_grid(tr.ema_denoiser, data.shape, data.num_classes, grid_sampler,
+                                       eval_cfg.grid_per_class, eval_cfg.grid_seed, tr.acc.device, decode,
+                                       objective)
+            path = save_grid(images, cols, run_dir / "samples" / f"step{tr.step:07d}.png")
+            row["grid"] = str(path)
+            if tr.tracker is not None:
+                tr.tracker.log_grid(images, cols, tr.step)
+        if fid is not None and (final or eval_cfg.fid_at == "every"):
+            row.update(fid(tr.ema_denoiser, data.shape, tr.acc.device))
+        tr.evals.append(row)
+        if tr.tracker is not None:
+            tr.tracker.log({f"eval/{k}": v for k, v in row.items() if k.startswith("eval_loss") or k in EVAL_METRICS},
+                           tr.step)
+
+    try:
+        summary = trainer.train(on_eval=on_eval, eval_every=eval_cfg.every)
+    finally:
+        if trainer.tracker is not None:
+            trainer.tracker.finish()
+    summary.update(resumed=resumed, params=sum(p.numel() for p in den.net.parameters()))
+    return summary, trainer
+
+
+def train_and_record(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
+                      base: dict, tracker: str = "none", memory: dict | None = None) -> tuple[list[dict], bool]:
+    """Train one run and turn it into table rows; a failure becomes one 'failed' row (never an exception)."""
+    try:
+        summary, trainer = train_one(run, suite, data, run_dir, device, snapshot, tracker, memory)
+        base = {**base, "params": summary["params"], "steps": summary["steps"], "final_loss": summary["final_loss"],
+                "samples_per_s": summary["samples_per_s"], "status": "ok", "error": ""}
+        return [{**base, **e} for e in trainer.evals], True
+    except ConfigError:
+        raise
+    except Exception as err:  # one failed run must not stop the suite or touch other runs' files
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        print(f"[{run.dir_name}] FAILED: {reason}", file=sys.stderr)
+        if type(err).__name__ not in ("TrainingDiverged", "CheckpointError"):  # these explain themselves in one line
+            traceback.print_exc(file=sys.stderr)
+        return [{**base, "status": "failed", "error": reason}], False
+
+
+def _worker(job: dict) -> tuple[list[dict], bool]:
+    """One run in a worker process (suite.jobs > 1, or a fresh process per run in a dry run): its own threads,
+    modules, data and files. In a dry run its rows carry the process's memory (tread_bench/engine/dryrun.py)."""
+    from tread_bench.data import load_dataset
+    from tread_bench.engine.imports import import_user_modules
+
+    torch.set_num_threads(job["threads"])
+    import_user_modules(job["imports"])
+    suite = OmegaConf.create(job["suite"])
+    data = load_dataset(suite.data.name, suite.data.resolution, limit=suite.data.get("limit"),
+                        **(suite.data.get("kwargs") or {}))
+    memory = {} if job.get("dryrun") else None
+    base_rss, started = rss_mib(), time.perf_counter()  # before the network is built: interpreter, torch, data
+    rows, ok = train_and_record(job["run"], suite, data, Path(job["run_dir"]), job["device"], job["snapshot"],
+                                 job["base"], job["tracker"], memory)
+    if memory is not None:  # this process ran this one run: its peak is the run's
+        from .dryrun import peak_memory
+
+        measured = {"base_rss_mib": base_rss, **memory, **peak_memory(job["device"]),
+                    "run_wall_s": time.perf_counter() - started}
+        rows = [{**row, **measured} for row in rows]
+    atomic_write_text(Path(job["run_dir"]) / "result.json", json.dumps(rows, indent=1, default=str))
+    return rows, ok
+
+
+def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, device: str, resolved: dict,
+                  fid_prepare=None) -> tuple[list[dict], list[str]]:
+    """Train ``pending`` [(run, run_dir, snapshot, base row)] one of three ways: in this process one after
+    another, in ``suite.jobs`` spawned worker processes (CPU), or each in a fresh process (scale=dryrun: a run's
+    peak memory is its process's). Returns (rows, names of the runs that failed); a run's failure never stops
+    the others. ``fid_prepare``: computes the FID reference statistics once, before any worker needs them."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    main_process = state.is_main_process
+    rows, failures = [], []
+    tracker = cfg.get("tracker", "none")
+    jobs = max(1, int(suite.get("jobs", 1)))
+    if state.num_processes > 1 or device == "cuda":
+        jobs = 1  # parallel runs are for CPU machines; GPUs and data-parallel runs take one run at a time
+    jobs = min(jobs, max(len(pending), 1))
+    if fid_prepare is not None and pending and main_process:
+        fid_prepare()  # once, not once per worker
+    # a dry run trains each run in a fresh process (its peak memory is the run's); not under accelerate launch,
+    # whose processes train every run together
+    dryrun = bool(suite.get("dryrun")) and state.num_processes == 1
+
+    def job(run, run_dir, snapshot, base, threads):
+        return {"run": run, "suite": resolved, "run_dir": str(run_dir), "device": device, "snapshot": snapshot,
+                "base": base, "threads": threads, "imports": list(cfg.get("imports") or []), "tracker": tracker,
+                "dryrun": dryrun}
+
+    if jobs == 1 and not dryrun:
+        for run, run_dir, snapshot, base in pending:
+            print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
+            run_rows, ok = train_and_record(run, suite, data, run_dir, device, snapshot, base, tracker)
+            if main_process:
+                atomic_write_text(run_dir / "result.json", json.dumps(run_rows, indent=1, default=str))
+            rows.extend(run_rows)
+            failures += [] if ok else [run.dir_name]
+    elif dryrun:  # one run at a time (suite.jobs is not read): the machine's memory is for one full-size run
+        from .dryrun import drop_checkpoint, run_in_fresh_process
+
+        threads = max(1, os.cpu_count() or 1)
+        print(f"dry run: {len(pending)} runs, one at a time, each in a fresh process with {threads} thread(s)")
+        for run, run_dir, snapshot, base in pending:
+            print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
+            try:
+                run_rows, ok = run_in_fresh_process(_worker, job(run, run_dir, snapshot, base, threads))
+            except RuntimeError as err:  # the process died (e.g. out of memory): this run fails, the next one runs
+                run_rows, ok = [{**base, "status": "failed", "error": str(err)}], False
+                print(f"[{run.dir_name}] FAILED: {err}", file=sys.stderr)
+            if ok:
+                drop_checkpoint(run_dir)
+            last = run_rows[-1]
+            print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}: peak RSS {last.get('peak_rss_mib', float('nan')):.0f}"
+                  f" MiB (training {last.get('train_peak_rss_mib', float('nan')):.0f}), "
+                  f"{last.get('run_wall_s', float('nan')):.0f} s")
+            rows.extend(run_rows)
+            failures += [] if ok else [run.dir_name]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        print(f"training {len(pending)} runs in {jobs} worker processes, {threads} thread(s) each")
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = [(run, base, pool.submit(_worker, job(run, run_dir, snapshot, base, threads)))
+                       for run, run_dir, snapshot, base in pending]
+            for run, base, future in futures:
+                try:
+                    run_rows, ok = future.result()
+                except ConfigError:
+                    raise
+                except Exception as err:  # a worker that died (killed, out of memory) fails its run only
+                    reason = f"worker died: {type(err).__name__}: {err}".splitlines()[0]
+                    run_rows, ok = [{**base, "status": "failed", "error": reason}], False
+                print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}")
+                rows.extend(run_rows)
+                failures += [] if ok else [run.dir_name]
+    return rows, failures

@@ -1,0 +1,145 @@
+"""The train kind: every run trained (or resumed) and evaluated, finished runs skipped or copied from another suite
+(``reuse_from``), and the suite's tables written: the runs table, the seeded speedup table, curves and samples."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from tread_bench.core.errors import ConfigError
+from tread_bench.core.io import atomic_write_text
+from tread_bench.engine.kinds import register_suite_kind
+from tread_bench.engine.resume import prepare_run_dir
+from tread_bench.engine.reuse import reuse_finished_run
+from tread_bench.engine.schema import SUITES_DIR, group_options, suggest
+from tread_bench.engine.spec import config_hash, load_suite_data, pick_device, prepare_runs
+from tread_bench.engine.training import fid_reference, train_pending
+from tread_bench.measure.results import environment, tables_lock, upsert_csv
+
+# A run's rows (one per evaluation) are replaced together: a rerun never leaves rows of an earlier attempt.
+RUN_KEY = ["suite", "scale", "run_id", "seed"]
+
+
+@dataclass
+class TrainKeys:
+    reuse_from: Optional[List[str]] = None   # suites whose identical finished runs are copied (tread_bench/engine/reuse.py)
+
+
+def check_train_suite(suite: dict) -> None:
+    for other in suite.get("reuse_from") or []:
+        known_suites = group_options(SUITES_DIR, "suite")
+        if other not in known_suites:
+            raise ConfigError(f"suite.reuse_from: unknown suite '{other}'; {suggest(str(other), known_suites)}"
+                              f"choose from {', '.join(known_suites)}")
+
+
+@register_suite_kind("train", keys=TrainKeys, check=check_train_suite, trains=True, isolates_dryrun_runs=True)
+def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
+    from tread_bench.measure.evaluate import EvalConfig, FIDEvaluator
+
+    from accelerate import PartialState
+
+    started = time.perf_counter()
+    state = PartialState()
+    main_process = state.is_main_process  # under `accelerate launch`, only rank 0 writes files
+    data = load_suite_data(suite)
+    runs = prepare_runs(cfg, suite, data.shape, data.num_classes, only=True)  # all checked before the first trains
+    device = pick_device(cfg.device)
+    eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
+    fid_ref = fid_reference(suite, eval_cfg) if eval_cfg.samples > 0 else None  # checked before training
+    results_dir, runs_root = Path(cfg.results_dir), Path(cfg.runs_dir) / suite.name / cfg.scale.name
+    resolved = OmegaConf.to_container(suite, resolve=True)
+    if main_process:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(results_dir / f"{suite.name}_{cfg.scale.name}_config.yaml", OmegaConf.to_yaml(suite))
+    rows, pending, finished = [], [], 0
+    for run in runs:
+        run_dir = runs_root / run.dir_name
+        snapshot = {"suite": resolved, "run": asdict(run)}
+        digest = config_hash(snapshot)
+        done_file = run_dir / "result.json"
+        if not cfg.force and done_file.exists():
+            done = json.loads(done_file.read_text())
+            if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
+                print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
+                rows.extend({**row, "routes": run.routes_str()} for row in done)  # resolved route notation
+                finished += 1
+                continue
+        # (one process only: under `accelerate launch` every rank would have to agree on the copy)
+        if not cfg.force and not cfg.get("report") and suite.get("reuse_from") and state.num_processes == 1:
+            reused = reuse_finished_run(snapshot, digest, run_dir, Path(cfg.runs_dir), list(suite.reuse_from),
+                                        cfg.scale.name, data.shape, data.num_classes)
+            if reused:
+                print(f"[{run.dir_name}] the same run finished in {reused[0]['reused_from']}: copied, not trained")
+                rows.extend({**row, "routes": run.routes_str()} for row in reused)
+                finished += 1
+                continue
+        if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
+            print(f"[{run.dir_name}] not finished, left out of the report")
+            continue
+        prepare_run_dir(run_dir, digest, cfg.force, write=main_process)  # never resume another configuration
+        base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
+                "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
+                "seed": run.seed, **environment(device), "config_hash": digest}
+        pending.append((run, run_dir, snapshot, base))
+
+    fid_prepare = (lambda: FIDEvaluator(eval_cfg, *fid_ref, data.num_classes).prepare_reference()) if fid_ref else None
+    trained, failures = train_pending(pending, cfg, suite, data, device, resolved, fid_prepare)
+    rows.extend(trained)
+    if not main_process:
+        return 1 if failures else 0
+    with tables_lock(results_dir, suite.name):  # other jobs of a multirun may write the same tables now
+        write_train_tables(cfg, suite, rows, results_dir)
+    if suite.get("dryrun") and rows:
+        from tread_bench.engine.dryrun import dryrun_row, write_dryrun_table
+
+        last = {(r["run_id"], r["seed"]): r for r in rows}  # a run's last row: its final evaluation, or its failure
+        write_dryrun_table(cfg, [dryrun_row(run, suite, last[(run.run_id, run.seed)], device, state.num_processes)
+                                 for run in runs if (run.run_id, run.seed) in last])
+    print(f"suite wall time this sitting: {time.perf_counter() - started:.0f} s "
+          f"({len(pending)} runs trained or resumed, {finished} finished earlier, "
+          f"{len(runs) - len(pending) - finished} left out)")
+    if failures:
+        print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], results_dir: Path) -> None:
+    """The runs table (one row per run and evaluation), the seeded speedup table, curves and sample figures."""
+    from tread_bench.measure.results import write_markdown
+    from tread_bench.measure.speedup import plot_curves, sample_figures, speedup_markdown, speedup_table
+
+    results_file = suite.get("results_file") or f"{suite.name}_runs.csv"
+    if not rows:
+        print("no finished runs to write")
+        return
+    # a run that failed before an evaluation has no step: an empty one completes its key (a rerun replaces the row)
+    rows = [r if "step" in r else {**r, "step": float("nan")} for r in rows]
+    table = upsert_csv(results_dir / results_file, rows, RUN_KEY)
+    print(f"wrote {results_dir / results_file} ({len(rows)} rows of {len(table)})")
+    ok = table[(table.suite == suite.name) & (table.scale == cfg.scale.name) & (table.status == "ok")]
+    if ok.empty or ok.step.isna().all():  # every run failed: the runs table only
+        return
+    if ok.method.nunique() > 1:
+        stem = results_dir / f"{suite.name}_speedup"
+        speed = speedup_table(ok)
+        speed.insert(0, "scale", cfg.scale.name)
+        upsert_csv(f"{stem}.csv", speed.to_dict("records"), ["scale", "backbone", "size", "method"])
+        write_markdown(f"{stem}.md", speedup_markdown(speed), f"{suite.name} speedup ({cfg.scale.name})",
+                       [f"Device: {ok.device.iloc[0]}; torch {ok.torch.iloc[0]}; seeds "
+                        f"{', '.join(map(str, sorted(ok.seed.unique())))}.",
+                        "Every figure is the mean over seed pairs (baseline seed s, method seed s) with the "
+                        "half-width of a two-sided 95% Student-t interval (n-1 degrees of freedom).",
+                        "flop_ratio: baseline / method training MACs per step; iteration_speedup: baseline / "
+                        "method training seconds per step; eval loss and FID at the last step both have; "
+                        "convergence speedups: baseline's steps, training FLOPs or training seconds to its final "
+                        "eval loss (FID) / the method's to reach that value (linear interpolation between "
+                        "evaluations; seeds that never reach it are counted in 'reached')."])
+        plot_curves(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))
+    sample_figures(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))

@@ -1,0 +1,81 @@
+"""Result tables: keyed upserts into CSV (a rerun replaces its rows), Markdown renderings, environment."""
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import pandas as pd
+import torch
+
+from tread_bench.core.io import atomic_write, atomic_write_text
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cpu)"
+
+
+def environment(device: str | torch.device = "cpu") -> dict:
+    return {"device": device_name(device), "torch": torch.__version__,
+            "cuda": torch.version.cuda if torch.device(device).type == "cuda" else ""}
+
+
+@contextmanager
+def tables_lock(folder: str | Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder``'s tables of ``name`` (a hidden ``.<name>.lock`` file, fcntl.flock)
+    while they are read, merged and written: jobs of a multirun (submitit, SLURM) that finish together would
+    otherwise each read the table before the other wrote it, and one job's rows would be lost."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_table(path: str | Path) -> pd.DataFrame | None:
+    """The CSV at ``path``, or None when there is none or it holds no columns (a table written with no rows, e.g.
+    a speedup table of an ``only=`` sitting that trained no baseline, is one empty line)."""
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return None
+
+
+def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str]) -> pd.DataFrame:
+    """Write ``rows`` into the CSV at ``path``, replacing existing rows with the same ``key`` values.
+
+    Rows of other keys (other suites, scales or runs) are kept; the write is atomic.
+    """
+    path = Path(path)
+    new = pd.DataFrame(list(rows))
+    old = read_table(path)
+    if old is not None:
+        if all(k in old.columns for k in key) and len(new):
+            new_keys = set(map(tuple, new[list(key)].astype(str).values))
+            stale = old[list(key)].astype(str).apply(tuple, axis=1).isin(new_keys)
+            old = old[~stale]
+        table = pd.concat([old, new], ignore_index=True) if len(old) else new
+    else:
+        table = new
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+    return table
+
+
+def write_markdown(path: str | Path, table: pd.DataFrame, title: str, notes: Iterable[str] = ()) -> None:
+    body = [f"# {title}", ""] + [f"{n}" for n in notes] + ([""] if notes else [])
+    body.append(table.to_markdown(index=False, floatfmt=".4g") if len(table) else "(no rows)")
+    atomic_write_text(path, "\n".join(body) + "\n")

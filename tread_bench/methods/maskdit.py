@@ -1,0 +1,284 @@
+"""MaskDiT (Zheng et al., "Fast Training of Diffusion Models with Masked Transformers", TMLR 2024; github
+Anima-Lab/MaskDiT, ``models/maskdit.py`` and ``train_utils/loss.py``) as a method plug-in, on any backbone.
+
+::
+
+    tokens = embed(x)
+    kept = gather(tokens, ids)                        # mask_ratio of the tokens dropped (random, or whole rows)
+    kept = blocks(kept)                               # every backbone block sees the kept tokens only
+    h = decoder_in(kept, cond)                        # adaLN LayerNorm + Linear: backbone width -> decoder width
+    h = scatter(mask_token everywhere, ids, h)        # learned mask token at the dropped positions
+    h = decoder_blocks(h + decoder_pos_embed, cond)   # decoder_depth DiT blocks at decoder_width, full sequence
+    out = unpatchify(decoder_out(h, cond))            # adaLN LayerNorm + Linear: decoder width -> patch pixels
+
+Loss (``LossTerms``; the objectives stay generic): the objective's denoising loss on the kept tokens (the
+per-token mean error, averaged over kept tokens) plus ``mae_weight`` x an MAE reconstruction term on the
+dropped tokens. The official MAE term (``mae_loss`` with ``norm_pix_loss=True``) compares, per dropped patch,
+the model's output to the NOISY INPUT of the network, normalised per patch (mean and unbiased variance over the
+patch's p*p*C values, ``(var + 1e-6) ** 0.5``), as the mean over the patch of the squared difference, averaged
+over the dropped patches, unweighted by the EDM weight, and adds it with weight 0.1. In our terms: the MAE pair
+is (the objective's prediction, the noisy sample the objective fed the network):
+
+* ``objective=edm``: prediction = D(x + sigma n) (the preconditioned output, as the official code: ``D_yn``),
+  noisy = x + sigma n (before c_in). Identical to the official loss.
+* ``objective=flow``: prediction = v(x_t) (the velocity the flow loss compares), noisy = x_t. The same
+  reconstruction task on the same output head; MaskDiT itself only has the EDM form.
+
+Inference and evaluation: unmasked (mask ratio 0) with the decoder applied, as the official ``forward``
+outside training (``generate.py`` never masks); ``force_rate`` masks at any rate in any mode. The paper's
+last stage (unmasked fine-tuning) is ``mask_ratio: 0`` in training: the loss is then the plain one (there are
+no dropped tokens), as the official fine-tune configs.
+
+Design choices (for every backbone):
+
+* **The decoder is DiT blocks for every backbone** (DiT's adaLN-Zero block at ``decoder_width``, conditioned
+  on the backbone's conditioning vector through its own adaLN projections), not blocks of the backbone's own
+  family. The decoder is part of the method, not of the backbone: with the same decoder everywhere, a
+  MaskDiT-vs-baseline difference on RWKV or Mamba is about the backbone seeing fewer tokens, not about a
+  different decoder; attention over the full sequence with an absolute 2-D sin-cos embedding needs no
+  row-wise order (the mask tokens can sit anywhere); and the weights map one-to-one onto the official code
+  (benchmarks/compare_maskdit.py checks outputs, loss and gradients against it).
+* **The decoder has its own output layer at decoder width** (the official ``final_layer``), so the backbone's
+  head is not used. The parameters only the head uses (found once at build time: those the head's output
+  depends on and the embedding's does not, outside the blocks) become persistent buffers: they stay in the
+  state dict, but the optimizer, data-parallel gradient sync (which would wait for their gradients forever)
+  and parameter counts leave them out. The official DiT in MaskDiT has no encoder-width output layer either.
+  Output layout: the token grid tiles the image in square patches (what the route-aware loss assumes too).
+* Selection: ``auto`` = whole rows on scan-mixing backbones (RWKV, Mamba: the kept tokens still form a grid),
+  uniform random per sample otherwise, as TREAD. The official draw keeps ``int(n * (1 - ratio))`` tokens in
+  shuffled order; here ``n - floor(n * ratio)`` (routing's count: the same for 0.5 and every grid here; one
+  more token at e.g. 0.3 of 256) in ascending raster order (scans need it; attention does not care).
+  LightningDiT's blocks get the kept tokens' true positions (RoPE).
+* Mask token: a learned (1, 1, decoder_width) parameter, N(0, 0.02), when ``mae_weight > 0``; zeros otherwise,
+  as the official code. When nothing is masked in training it is kept in the graph at zero cost (0 x its sum),
+  as the official loss does, so data-parallel training does not wait for its gradient.
+
+Suite entry: ``{kind: maskdit, mask_ratio: 0.5, decoder_depth: 8, decoder_width: 512, decoder_heads: 16,
+mae_weight: 0.1}`` (the official XL/2 decoder; suites/suite/common/methods.yaml). Parameters for DiT-XL/2
+with that decoder: see README (paper Table S7: 730M).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from backbones.dit import DiTBlock
+from backbones.layers import modulate, sincos_pos_embed_2d, unpatchify, xavier_linear
+from backbones.protocol import BlockStack, full_positions
+from tread_bench.core.errors import ConfigError
+from routing.router import gather_tokens, scatter_tokens
+
+from .drop import TokenDropper
+from .registry import LossTerms, register_method
+
+
+class ModulatedLinear(nn.Module):
+    """LayerNorm with adaLN shift/scale from the conditioning, then a Linear: the official ``DecoderLayer``
+    (backbone width -> decoder width) and ``FinalLayer`` (decoder width -> patch pixels) are both this."""
+
+    def __init__(self, width: int, out: int, cond_width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, 2 * width))
+        self.linear = nn.Linear(width, out)
+
+    def zero_init(self) -> None:
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DecoderBlock(DiTBlock):
+    """DiT's block at the decoder width, its adaLN modulation fed by the backbone's (wider) conditioning."""
+
+    def __init__(self, width: int, num_heads: int, cond_width: int, mlp_ratio: float = 4.0):
+        super().__init__(width, num_heads, mlp_ratio)
+        self.adaLN_modulation[-1] = nn.Linear(cond_width, 6 * width)
+
+
+def patches(images: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, rows * cols, C * ph * pw): each token's pixels (the order inside a patch does not
+    matter to the MAE term: a per-patch mean, variance and element-wise difference)."""
+    b, c, h, w = images.shape
+    rows, cols = grid
+    x = images.reshape(b, c, rows, h // rows, cols, w // cols)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, -1)
+
+
+@dataclass
+class MaskedAutoencoderTerms(LossTerms):
+    """MaskDiT's loss: the main term on the kept tokens (``token_weights``) plus ``mae_weight`` x the official
+    ``mae_loss(norm_pix_loss=True)`` on the ``dropped`` tokens (B, rows, cols)."""
+
+    dropped: Optional[torch.Tensor] = None
+    mae_weight: float = 0.1
+
+    def auxiliary(self, prediction: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        grid = tuple(self.dropped.shape[-2:])
+        target = patches(noisy.to(prediction.dtype), grid)
+        target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+        per_patch = ((patches(prediction, grid) - target) ** 2).mean(dim=-1)  # (B, N)
+        dropped = self.dropped.flatten(1).to(per_patch.dtype)
+        return self.mae_weight * (per_patch * dropped).sum(dim=1) / dropped.sum(dim=1)
+
+
+def _probe(backbone: BlockStack) -> Tuple[int, int, List[str]]:
+    """(token width, conditioning width, names of the parameters only the head uses), from one zero image
+    embedded where the backbone lives (the meta device too) and the head run on the result: a parameter is
+    the head's alone if the head's output depends on it and the embedding's does not, outside the blocks."""
+    device = next(iter(backbone.parameters())).device
+    size = backbone.input_size
+    x = torch.zeros(1, backbone.in_channels, size, size, device=device)
+    named = [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+
+    def used(output):
+        if not output.requires_grad:
+            return [None] * len(params)
+        return torch.autograd.grad(output.sum(), params, allow_unused=True)
+
+    with torch.enable_grad():
+        tokens, cond = backbone.embed(x, torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device))
+        by_embed = used(torch.cat([tokens.flatten(), cond.flatten()]))
+        by_head = used(backbone.head(tokens.detach(), cond.detach()))
+    in_blocks = {id(p) for p in backbone.blocks.parameters()}
+    head_only = [name for (name, p), e, h in zip(named, by_embed, by_head)
+                 if h is not None and e is None and id(p) not in in_blocks]
+    return int(tokens.shape[-1]), int(cond.shape[-1]), head_only
+
+
+def _to_buffers(module: nn.Module, names: List[str]) -> None:
+    """Turn the named parameters of ``module`` into persistent buffers (same values, same state-dict keys)."""
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        value = getattr(owner, leaf).detach()
+        delattr(owner, leaf)
+        owner.register_buffer(leaf, value)
+
+
+def _whole(kind: str, name: str, value, least: int, example: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+        raise ConfigError(f"{kind}: {name} = {value!r} must be a whole number >= {least}; e.g. {name}: {example}")
+    return int(value)
+
+
+@register_method("maskdit")
+class MaskDiT(TokenDropper):
+    """``mask_ratio`` of the tokens dropped before the backbone's blocks; a light DiT decoder over the full
+    sequence (mask tokens at the dropped positions) makes the output; MAE term on the dropped tokens."""
+
+    def __init__(self, backbone: BlockStack, mask_ratio: float = 0.5, decoder_depth: int = 8,
+                 decoder_width: int = 512, decoder_heads: int = 16, mae_weight: float = 0.1,
+                 selection: str = "auto", seed: int = 0):
+        super().__init__(backbone, "maskdit", selection, seed)
+        self.mask_ratio = self.check_rate("mask_ratio", mask_ratio)
+        self.decoder_depth = _whole("maskdit", "decoder_depth", decoder_depth, 1, "8")
+        width = self.decoder_width = _whole("maskdit", "decoder_width", decoder_width, 4, "512")
+        heads = _whole("maskdit", "decoder_heads", decoder_heads, 1, "16")
+        if width % 4 or width % heads:
+            raise ConfigError(f"maskdit: decoder_width {width} must be a multiple of 4 (the 2-D sin-cos embedding) and "
+                              f"of decoder_heads {heads}; e.g. decoder_width: 512, decoder_heads: 16")
+        if isinstance(mae_weight, bool) or not isinstance(mae_weight, Real) or mae_weight < 0:
+            raise ConfigError(f"maskdit: mae_weight = {mae_weight!r} must be a number >= 0 (the weight of the MAE "
+                              "term on the dropped tokens); e.g. mae_weight: 0.1")
+        self.mae_weight = float(mae_weight)
+        rows, cols = backbone.grid_size
+        size = backbone.input_size
+        if size % rows or size % cols or size // rows != size // cols:
+            raise ConfigError(f"maskdit: the {rows}x{cols} token grid does not tile the {size}x{size} input in square "
+                              "patches, so the decoder's output layer cannot place its patches")
+        self.patch_size = size // rows
+
+        token_width, cond_width, head_only = _probe(backbone)
+        _to_buffers(backbone, head_only)  # the decoder replaces the head (module docstring)
+        self.decoder_in = ModulatedLinear(token_width, width, cond_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if self.mae_weight > 0 else None
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(width, rows, cols)[None], persistent=False)
+        self.decoder_blocks = nn.ModuleList(DecoderBlock(width, heads, cond_width) for _ in range(self.decoder_depth))
+        self.decoder_out = ModulatedLinear(width, self.patch_size ** 2 * backbone.in_channels, cond_width)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        """The official init: xavier-uniform linears with zero bias, adaLN-Zero decoder blocks, zero input and
+        output layers, mask token N(0, 0.02)."""
+        for part in (self.decoder_in, self.decoder_blocks, self.decoder_out):
+            part.apply(xavier_linear)
+        for block in self.decoder_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        self.decoder_in.zero_init()
+        self.decoder_out.zero_init()
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    def training_rate(self) -> float:
+        return self.mask_ratio
+
+    def method_blocks(self) -> List[nn.Module]:
+        return list(self.decoder_blocks)  # they see the full sequence: at B/2, 4 x 320 wide x 256 tokens
+
+    #: a schedule may change the mask ratio (the paper's unmasked fine-tune: mask_ratio 0); the decoder, the mask
+    #: token and the MAE weight stay (mae_weight decides whether the mask token exists: a parameter)
+    schedulable = ("mask_ratio",)
+
+    def apply_settings(self, **settings) -> None:
+        self.refuse_unschedulable(settings)
+        if "mask_ratio" in settings:
+            self.mask_ratio = self.check_rate("mask_ratio", settings["mask_ratio"])
+
+    def forward(self, x, noise_labels, class_labels, force_rate: Optional[float] = None,
+                return_token_masks: bool = False, return_loss_terms: bool = False):
+        tokens, cond, rate, grid, positions = self.begin_forward(x, noise_labels, class_labels, force_rate,
+                                                                   return_token_masks)
+        ids = None
+        if rate > 0:
+            ids, grid = self.draw(tokens.shape[0], rate, tokens.device)
+            tokens, positions = gather_tokens(tokens, ids), ids
+        for block in self.backbone.blocks:
+            tokens = block(tokens, cond, grid, positions)
+        out = self.decode(tokens, cond, ids)
+        if not return_loss_terms:
+            return out
+        if ids is None:
+            return out, None
+        kept = self.kept_mask(ids)
+        if self.mae_weight == 0:
+            return out, LossTerms(token_weights=kept)
+        return out, MaskedAutoencoderTerms(token_weights=kept, dropped=~kept, mae_weight=self.mae_weight)
+
+    def decode(self, kept: torch.Tensor, cond: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """The decoder: (B, kept, D) backbone output at positions ``ids`` (None: every position) -> output."""
+        bb = self.backbone
+        b, n = kept.shape[0], bb.num_tokens
+        h = self.decoder_in(kept, cond)
+        if ids is not None:
+            token = self.mask_token if self.mask_token is not None else h.new_zeros(1, 1, h.shape[-1])
+            h = scatter_tokens(token.expand(b, n, -1), ids, h)
+        elif self.mask_token is not None and self.training:
+            h = h + 0 * self.mask_token.sum()  # unused when nothing is masked: keep it in the graph (DDP)
+        h = h + self.decoder_pos_embed
+        positions = full_positions(b, n, h.device)
+        for block in self.decoder_blocks:
+            h = block(h, cond, bb.grid_size, positions)
+        rows, cols = bb.grid_size
+        return unpatchify(self.decoder_out(h, cond), rows, cols, self.patch_size, bb.in_channels)
+
+    def describe(self) -> str:
+        return (f"maskdit@{self.mask_ratio:g}, decoder {self.decoder_depth}x{self.decoder_width}, "
+                f"mae {self.mae_weight:g}")
+
+    def tokens_per_block(self, force_rate: Optional[float] = None) -> List[int]:
+        rate = self.mask_ratio if force_rate is None else self.check_rate("force_rate", force_rate)
+        return [self.kept_tokens(rate)] * self.backbone.depth
+
+
+__all__ = ["MaskDiT", "MaskedAutoencoderTerms", "ModulatedLinear", "DecoderBlock", "patches"]

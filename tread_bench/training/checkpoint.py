@@ -1,0 +1,197 @@
+"""Training checkpoints that are safe to share: a folder ``<run>/checkpoint/`` holding
+
+    model.safetensors   the trained weights (safetensors: loading them never runs code)
+    ema.safetensors     the EMA weights
+    state.pt            the rest of the training state, plain types only: optimizer state, step counters,
+                        RNG states (ByteTensors), stats/evals (JSON-clean lists), the config snapshot;
+                        read with ``torch.load(weights_only=True)``, which refuses anything but tensors and
+                        plain containers, so a checkpoint from a shared filesystem cannot run code
+    manifest.json       written last: format, step, and the byte size of each file above
+
+Atomic as a whole: a checkpoint is written into ``checkpoint.new/``, then the current folder is renamed
+to ``checkpoint.old/``, ``checkpoint.new/`` to ``checkpoint/``, and ``checkpoint.old/`` is deleted. A kill at
+any moment leaves one complete folder with a manifest (``checkpoint/``, else ``checkpoint.new/``, else
+``checkpoint.old/``), never a mix of two steps. A ``checkpoint.pt`` of versions before these folders is refused
+with one line that says to rerun.
+
+A checkpoint that cannot be read raises :class:`tread_bench.core.errors.CheckpointError` with one line naming the file
+and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from tread_bench.core.errors import CheckpointError
+from tread_bench.core.io import atomic_write_text
+
+__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint",
+           "CHECKPOINT_DIR", "CHECKPOINT_PATHS", "CheckpointError"]
+
+FORMAT = "tread-bench-checkpoint/1"
+CHECKPOINT_DIR = "checkpoint"
+OLD_FORMAT_FILE = "checkpoint.pt"  # found so that it is refused in one line, and deleted on force
+MODEL, EMA, STATE, MANIFEST = "model.safetensors", "ema.safetensors", "state.pt", "manifest.json"
+# every path of a run folder that holds checkpoint state (tread_bench.engine.resume deletes them together)
+CHECKPOINT_PATHS = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old", OLD_FORMAT_FILE)
+
+
+def _fix(path: Path) -> str:
+    return (f"delete {path} (the run then trains from its start) or rerun the suite with force=true")
+
+
+def _error(file: Path, what: str, err: BaseException | str, folder: Path) -> CheckpointError:
+    reason = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    reason = " ".join(str(reason).split())[:300]  # one line
+    return CheckpointError(f"cannot read checkpoint file {file} ({what}: {reason}); {_fix(folder)}")
+
+
+def find_checkpoint(run_dir) -> Path | None:
+    """The checkpoint a run in ``run_dir`` resumes: the complete folder (see the module docstring), else an old
+    ``checkpoint.pt`` (which load_checkpoint refuses in one line), else None."""
+    run_dir = Path(run_dir)
+    main, new, old = (run_dir / p for p in CHECKPOINT_PATHS[:3])
+    if main.exists():
+        return main
+    for folder in (new, old):  # a kill between the two renames of save_checkpoint
+        if (folder / MANIFEST).exists():
+            return folder
+    old = run_dir / OLD_FORMAT_FILE
+    return old if old.exists() else None
+
+
+def _check_plain(obj, where: str) -> None:
+    """Refuse, at save time, what ``torch.load(weights_only=True)`` would refuse at load time."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size)):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}.{k}")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint state {where} is a {type(obj).__qualname__}; only tensors, numbers, strings "
+                    "and lists/dicts of them are saved (weights_only loading refuses other types)")
+
+
+def plain_json(obj):
+    """``obj`` as JSON types (numpy scalars -> Python numbers, paths -> str); floats round-trip exactly."""
+    def default(o):
+        if hasattr(o, "item"):
+            return o.item()
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder, model: torch.nn.Module, ema: torch.nn.Module, state: dict) -> None:
+    """Write ``model`` and ``ema`` (modules) as safetensors and ``state`` (plain types) as state.pt into
+    ``folder``, replacing the checkpoint there as a whole. ``state["step"]`` is recorded in the manifest."""
+    folder = Path(folder)
+    _check_plain(state, "state")
+    new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    if not folder.exists():  # finish a save killed between its renames before starting this one
+        done = find_checkpoint(folder.parent) if folder.name == CHECKPOINT_DIR else None
+        if done is not None and done.is_dir():
+            os.rename(done, folder)
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    save_model(model, str(new / MODEL), metadata={"format": FORMAT, "step": str(state.get("step"))})
+    save_model(ema, str(new / EMA), metadata={"format": FORMAT, "step": str(state.get("step"))})
+    torch.save(state, new / STATE)
+    for name in (MODEL, EMA, STATE):
+        with open(new / name, "rb+") as f:
+            os.fsync(f.fileno())
+    manifest = {"format": FORMAT, "step": state.get("step"),
+                "files": {name: (new / name).stat().st_size for name in (MODEL, EMA, STATE)}}
+    atomic_write_text(new / MANIFEST, json.dumps(manifest, indent=1))
+    _fsync_dir(new)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(new, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    (folder.parent / OLD_FORMAT_FILE).unlink(missing_ok=True)  # superseded
+
+
+def _unpickler_reason(err: BaseException) -> str | None:
+    """What torch's weights_only unpickler reports (the refused global, or the bad opcode), or None."""
+    text = str(err)
+    if "WeightsUnpickler error:" not in text:
+        return None
+    tail = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((x.strip() for x in tail.splitlines() if x.strip()), "")
+    return line.split(". Please use")[0]
+
+
+def _load_state(file: Path, folder: Path) -> dict:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise _error(file, "missing", err, folder) from None
+    except Exception as err:  # corrupt, truncated, or refused by weights_only (a pickled object)
+        reason = _unpickler_reason(err)
+        if reason and reason.startswith("Unsupported global"):
+            raise _error(file, "refused by torch.load(weights_only=True), which loads only tensors and plain "
+                         "values", reason, folder) from None
+        raise _error(file, "corrupt or truncated", reason or err, folder) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise _error(file, "unreadable", "not a training state (no 'step')", folder)
+    return state
+
+
+def load_checkpoint(path, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
+    """Load the checkpoint folder at ``path`` into ``model`` and ``ema``; return the rest of the state (optimizer,
+    step counters, RNG states, stats, ...)."""
+    path = Path(path)
+    if path.name == OLD_FORMAT_FILE:
+        raise CheckpointError(f"{path} is a checkpoint of a tread-bench version before checkpoint folders, which this "
+                              f"version does not read; rerun the suite with force=true (or delete {path})")
+    manifest_file = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except FileNotFoundError:
+        raise _error(manifest_file, "missing", "the checkpoint was not completed", path) from None
+    except (OSError, ValueError) as err:
+        raise _error(manifest_file, "unreadable", err, path) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _error(manifest_file, "unknown format", f"expected {FORMAT}", path)
+    for name, size in (manifest.get("files") or {}).items():
+        file = path / name
+        if not file.exists():
+            raise _error(file, "missing", "listed in the manifest", path)
+        if file.stat().st_size != size:
+            raise _error(file, "truncated or replaced", f"{file.stat().st_size} bytes, the manifest says {size}",
+                         path)
+    state = _load_state(path / STATE, path)
+    if state["step"] != manifest.get("step"):
+        raise _error(path / STATE, "mixed checkpoint", f"step {state['step']}, the manifest says "
+                     f"{manifest.get('step')}", path)
+    for name, module in ((MODEL, model), (EMA, ema)):
+        try:
+            load_model(module, str(path / name), strict=True)
+        except Exception as err:  # header or data damaged, or weights of another model
+            raise _error(path / name, "unreadable or not this model's weights", err, path) from None
+    return state
