@@ -1,30 +1,10 @@
 """LightningDiT-style transformer (Yao et al. 2025, "Reconstruction vs. Generation", hustvl/LightningDiT).
 
-DiT's adaLN-Zero block with the modernised parts LightningDiT adds:
-
-* **2-D axial RoPE** on queries and keys (EVA-02 layout, as LightningDiT uses): each head's
-  ``head_dim`` channels are split in two halves; the first half is rotated by the token's row,
-  the second half by its column. Within a half, channel pairs (2i, 2i+1) rotate together at
-  frequency ``theta ** (-2i / (head_dim / 2))``, ``theta = 10000``, with integer grid positions.
-* **RMSNorm** (with a learnable scale) instead of LayerNorm before attention, before the MLP and
-  in the final layer.
-* **QK-norm**: RMSNorm over each head's queries and keys, before RoPE. (LightningDiT's released
-  XL config turns it off; the architecture has it, and this backbone turns it on by default.)
-* **SwiGLU** feed-forward with hidden width ``int(2/3 * mlp_ratio * dim)`` (as LightningDiT, so
-  its parameters and FLOPs match DiT's GELU MLP).
-* **adaLN-Zero** modulation with shift, scale and gate (LightningDiT's default, ``wo_shift=False``),
-  gates zero-initialised so every block starts as the identity.
-
-Absolute position embedding: LightningDiT **keeps** DiT's fixed 2-D sin-cos embedding added to the
-patch tokens and applies RoPE on top of it in every attention layer; so does this backbone (the
-shared ``ConditionedPatchStack`` embed adds it).
-
-Routing. RoPE needs each token's true position, which attention alone cannot see once a route has
-removed tokens. Every block therefore uses the ``positions`` of the block-stack protocol: the
-(B, n) indices, in the full raster grid, of the tokens it holds. The cos/sin table is built once
-for the whole grid (a buffer shared by all blocks) and gathered per sample by ``positions``, so a
-routed block rotates each kept token exactly as the unrouted network would. Attention mixes all
-tokens at once, not by a scan, so ``scan_mixing`` is False and routes use random selection.
+DiT's adaLN-Zero block with LightningDiT's parts: 2-D axial RoPE on queries and keys (EVA-02 layout), RMSNorm,
+QK-norm (on by default), SwiGLU of hidden width ``int(2/3 * mlp_ratio * dim)``; DiT's sin-cos embedding is kept.
+Routed blocks rotate each token by its true position: one cos/sin table for the full grid, gathered per sample by
+``positions``. ``scan_mixing`` is False, so routes use random selection.
+Details: docs/internals.md#backboneslightningditpy
 """
 from __future__ import annotations
 

@@ -1,25 +1,12 @@
-"""The block-stack protocol: the only thing routing and diffusion know about a backbone.
-
-A backbone is an ``nn.Module`` that splits its forward pass into three parts so that a
-router can drive it without knowing what is inside:
+"""The block-stack protocol: the only thing routing and diffusion know about a backbone::
 
     tokens, cond = backbone.embed(x, noise_labels, class_labels)   # (B, N, D), (B, D)
     for block in backbone.blocks:                                  # nn.ModuleList
         tokens = block(tokens, cond, grid, positions)              # grid = (rows, cols) or None
     out = backbone.head(tokens, cond)                              # same shape as x
 
-``grid`` is the (rows, cols) shape of the tokens currently in the sequence, in raster order,
-or ``None`` when they do not form a grid (e.g. after random selection). Blocks whose mixing
-depends on spatial neighbours (q-shift, scans) use it; attention blocks ignore it.
-
-``positions`` is always given: a (B, n) LongTensor with, for every token the block holds, its
-index in the full raster-order grid ``backbone.grid_size`` (row = index // cols, col = index %
-cols). On the full sequence it is ``arange(N)`` for every sample; inside a route it is the kept
-ids (per sample, ascending). Blocks that encode position themselves (RoPE) use it to place each
-token at its true position; blocks that do not need it ignore it.
-
-A parameter may carry ``no_weight_decay = True`` (Mamba's ``A_log`` and ``D``, as in ``mamba_ssm``):
-the trainer's AdamW then puts it in a group without weight decay (:func:`weight_decay_groups`).
+``positions``: the (B, n) indices, in the full raster grid, of the tokens a block holds (the kept ids in a route).
+Details: docs/internals.md#backbonesprotocolpy
 """
 from __future__ import annotations
 

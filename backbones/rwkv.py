@@ -1,39 +1,12 @@
 """Diffusion-RWKV (Fei et al. 2024, after Vision-RWKV): Bi-RWKV blocks with adaLN-Zero conditioning.
 
-Each block is a spatial mix (q-shift, token-shift interpolation, key/value/receptance, bidirectional
-WKV, sigmoid(r) * wkv, output) and a channel mix (q-shift, squared-ReLU key, sigmoid receptance), each
-in a DiT-style residual branch (LayerNorm without affine, shift/scale/gate from the conditioning
-vector, gates zero-initialised). Embed and head are the shared ``ConditionedPatchStack``, so this
-backbone differs from DiT only in its token mixer. Not carried over from the reference code: its
-U-ViT long skips (a block here sees only ``(tokens, cond, grid, positions)``) and the ``ln0`` on the residual
-stream of block 0 (the shared embed is the same for every backbone).
-
-Bi-WKV, per channel over T tokens in raster order, with w = decay / T and u = first / T:
+Each block is a spatial mix (q-shift, bidirectional WKV) and a channel mix, each in a DiT-style adaLN-Zero branch.
+Bi-WKV, per channel over T tokens in raster order, with w = decay / T and u = first / T, T being the number of
+tokens the block is handed (also inside a route)::
 
     y_t = [sum_{i != t} e^{-(|t-i|-1) w + k_i} v_i + e^{u + k_t} v_t] / [same sums with v = 1]
 
-``bi_wkv`` computes it in O(T) time and memory with forward and reverse cumulative sums in pure
-PyTorch (CPU and GPU, autograd); ``bi_wkv_quadratic`` is the O(T^2) softmax form kept as a reference.
-
-Fewer tokens (TREAD routes). A block inside a route receives only the kept tokens:
-  * Decay normalisation: w = decay / T with T the number of tokens the block is handed (the
-    current sequence), as the reference implementations do (they divide by ``x.size(1)``). Why:
-    every selection strategy here keeps tokens spread over the whole image, so the current sequence
-    still spans the image. Dividing by the current T keeps each channel's profile over the image
-    fixed: the weight between the two ends of the sequence stays e^{-decay (T-2)/T} ~ e^{-decay},
-    and under random selection a kept-sequence distance d covers on average d N / T raster
-    positions of the full N-token grid, so e^{-d decay / T} is the unrouted e^{-D decay / N} at the
-    same image distance D. Dividing by the full N instead would make every channel more global
-    inside a route than outside it (a route at rate 0.5 would halve every decay per image
-    distance). Under row-wise selection the same holds between rows (skipped rows shorten the
-    sequence); along a kept row, whose pixels stay adjacent, the decay per pixel grows by N / T.
-  * q-shift with grid (kept_rows, cols) (row-wise selection): neighbours are taken on that grid, so
-    the up/down neighbour of a token is the same column in the adjacent *kept* row.
-  * q-shift with grid=None (random selection; the tokens do not form a grid): a 1-D shift along the
-    sequence. The left and up quarters take the previous token, the right and down quarters the
-    next one: left and up neighbours precede a token in raster order, right and down ones follow
-    it, and in raster order the previous kept token is the nearest preceding one. Sequence ends
-    are zero-padded, as grid borders are.
+Details: docs/internals.md#backbonesrwkvpy
 """
 from __future__ import annotations
 

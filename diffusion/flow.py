@@ -1,13 +1,13 @@
-"""``objective=flow``: SiT (Ma et al. 2024) -- the linear interpolant with velocity prediction.
+"""``objective=flow``: the linear interpolant with velocity prediction, in SPRINT's convention (t = 1 is noise).
 
     x_t = (1 - t) x + t eps,   eps ~ N(0, I),   t ~ U[0, 1]
-    loss = mean over pixels of (v(x_t, t, y) - (eps - x))^2           (SiT: Linear path, velocity, no weight)
+    loss = mean over pixels of (v(x_t, t, y) - (eps - x))^2           (velocity, no weight)
 
-The network predicts the velocity directly and is conditioned on t (SiT passes t in [0, 1] to DiT's
-timestep embedder). Sampling integrates dx/dt = v from t = 1 (noise) to t = 0 with Euler or Heun steps
-on a uniform grid; the velocity at t = 0 is finite, so Heun corrects every step (2 evaluations per step).
-Classifier-free and selection-rate guidance combine velocities as EDM combines denoised images
-(diffusion.sampler.guided_denoise).
+SiT (Ma et al. 2024) runs time the other way (x_t = t x + (1 - t) eps, t = 1 is data, v = x - eps): the two are
+the same model after t -> 1 - t and v -> -v, so a SiT checkpoint is used here by feeding it 1 - t and negating its
+output. The network is conditioned on t in [0, 1] (DiT's timestep embedder). Sampling integrates dx/dt = v from
+t = 1 (noise) to t = 0 with Euler or Heun steps on a uniform grid (Heun: 2 evaluations per step). Classifier-free
+and selection-rate guidance combine velocities as EDM combines denoised images (diffusion.sampler.guided_denoise).
 """
 from __future__ import annotations
 

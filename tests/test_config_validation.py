@@ -20,13 +20,14 @@ HOW = 'write it as {start: 2, end: 8, rate: 0.5} or "2->8@0.5"'
 
 # (override of `suite=smoke scale=tiny`, the exact message after "error: ")
 BAD = [
-    ('suite.methods.tread.routes=["2to8"]', f"route '2to8': {HOW}"),
-    ('suite.methods.tread.routes=["1->3"]', f"route '1->3': no rate; {HOW}"),
-    ('suite.methods.tread.routes=["1->3@half"]', f"route '1->3@half': rate 'half' is not a number; {HOW}"),
+    ('suite.methods.tread.routes=["2to8"]', f"suite.methods.tread: route '2to8': {HOW}"),
+    ('suite.methods.tread.routes=["1->3"]', f"suite.methods.tread: route '1->3': no rate; {HOW}"),
+    ('suite.methods.tread.routes=["1->3@half"]',
+     f"suite.methods.tread: route '1->3@half': rate 'half' is not a number; {HOW}"),
     ("suite.methods.tread.routes=[{start:1,end:3,rate:half}]",
-     f"route {{start: 1, end: 3, rate: half}}: rate 'half' is not a number; {HOW}"),
-    ('suite.methods.tread.routes="1->3@0.5"', 'suite.methods.tread.routes must be a list of routes, got 1->3@0.5; '
-     'e.g. routes: ["2->8@0.5"] or [{start: 2, end: 8, rate: 0.5}]'),
+     f"suite.methods.tread: route {{start: 1, end: 3, rate: half}}: rate 'half' is not a number; {HOW}"),
+    ('suite.methods.tread.routes="1->3@0.5"', 'suite.methods.tread: routes must be a list of routes, got 1->3@0.5; '
+     'e.g. routes: ["2->8@0.5"]'),
     ("+suite.methods.tread.rotues=[]", "unknown key 'suite.methods.tread.rotues' for a method of kind tread; did you "
      "mean 'routes'? its keys are: kind, backbones, routes, selection, schedule"),
     ("suite.train.steps=0", "suite.train.steps = 0: must be > 0 (training steps); e.g. suite.train.steps=1000"),
@@ -125,7 +126,7 @@ def test_routes_in_the_papers_notation(routes):
     tread_bench.engine.validate_suite(cfg)
     (run_,) = [r for r in tread_bench.engine.expand_runs(tread_bench.engine.resolve_suite(cfg), cfg.scale) if r.method == "tread"]
     tread_bench.engine.validate_run(run_, (1, 32, 32), 10)
-    assert run_.routes_str() == "r(1->3)@0.5"  # depth 6: end -3 is block 3
+    assert run_.setting == "r(1->3)@0.5"  # depth 6: end -3 is block 3
 
 
 @pytest.mark.parametrize("scale", ["full", "cpu", "tiny", "auto"])

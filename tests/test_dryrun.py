@@ -130,7 +130,7 @@ def test_dryrun_scale_keeps_the_full_size_runs_on_synthetic_latents_of_the_real_
     full_runs = tread_bench.engine.expand_runs(tread_bench.engine.resolve_suite(full), full.scale)
     dry_runs = tread_bench.engine.expand_runs(s, dry.scale)
     # every run of the full suite, with its backbone size and routes (the full-size models are the point)
-    assert [(r.run_id, r.size, r.routes) for r in dry_runs] == [(r.run_id, r.size, r.routes) for r in full_runs]
+    assert [(r.run_id, r.size, r.args) for r in dry_runs] == [(r.run_id, r.size, r.args) for r in full_runs]
     assert s.dryrun and s.data.name == "synthetic" and s.data.resolution == 32
     assert dict(s.data.kwargs) == {"num": 64, "channels": 4, "num_classes": 1000}  # no latent path left over
     assert s.train.steps == 2 and s.train.global_batch == 2
@@ -192,7 +192,7 @@ def test_dryrun_of_a_paper_suite_at_full_size(tmp_path):
     table = pd.read_csv(tmp_path / "r" / "dryrun.csv")
     assert len(table) == 1
     row = table.iloc[0]
-    assert (row.suite, row.run, row.routes, row.status) == ("selection_rate", "dit-B2-rate0.5-seed0", "r(2->8)@0.5", "ok")
+    assert (row.suite, row.run, row.setting, row.status) == ("selection_rate", "dit-B2-rate0.5-seed0", "r(2->8)@0.5", "ok")
     assert round(row.params / 1e6) == 130  # DiT-B/2 (Peebles & Xie 2023, Table 1: 130M)
     assert (row.steps, row.batch, row.precision) == (2, 2, "fp32")
     # weights, gradients, AdamW's two moments and the EMA copy (20 bytes/parameter) must have been resident at once

@@ -225,7 +225,7 @@ def test_training_is_three_forwards_and_close_to_measured_backward(tiny_dit):
 # ---------------------------------------------------------------------------------------------
 
 def published_check(size, published, route_end, tread_estimate):
-    row = flops.flops_table_row("dit", size, [{"start": 2, "end": route_end, "rate": 0.5}])
+    row = flops.flops_table_row("dit", size, routes=[{"start": 2, "end": route_end, "rate": 0.5}])
     assert row["gflops_fwd"] == pytest.approx(published, rel=0.01)
     assert row["gflops_fwd_torch"] == pytest.approx(published, rel=0.01)
     assert row["counter_rel_diff"] < 0.01

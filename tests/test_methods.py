@@ -76,8 +76,8 @@ def test_second_method_trains_through_the_suite(tmp_path):
                 "+suite.methods.tread2={kind:tread,routes:[{start:1,end:3,rate:0.5}],selection:random}"]) == 0
     table = pd.read_csv(tmp_path / "r" / "smoke.csv").set_index("method")
     assert list(table.index) == ["baseline", "strided", "tread2"] and set(table.status) == {"ok"}
-    assert table.loc["strided", "routes"] == "stride2(1->3)" and table.loc["strided", "selection"] == "strided"
-    assert table.loc["tread2", "routes"] == "r(1->3)@0.5" and table.loc["tread2", "selection"] == "random"
+    assert table.loc["strided", "setting"] == "stride2(1->3)" and table.loc["strided", "selection"] == "strided"
+    assert table.loc["tread2", "setting"] == "r(1->3)@0.5" and table.loc["tread2", "selection"] == "random"
     speed = pd.read_csv(tmp_path / "r" / "smoke_speedup.csv").set_index("method")
     assert speed.loc["strided", "flop_ratio"] > 1  # counted from what its blocks received
 
@@ -92,8 +92,8 @@ def test_unknown_kind_in_a_suite_is_refused_before_training(tmp_path):
 def test_flops_and_throughput_go_through_the_interface():
     data = dict(input_size=32, in_channels=1, num_classes=10)
     row = flops_table_row("dit", "tiny", kind="test_stride", start=1, end=3, stride=2, **data)
-    assert row["tokens_per_block"] == "1x64,3x32,2x64" and row["ratio"] > 1 and row["routes"] == "stride2(1->3)"
-    tread = flops_table_row("dit", "tiny", [{"start": 1, "end": 3, "rate": 0.5}], **data)
+    assert row["tokens_per_block"] == "1x64,3x32,2x64" and row["ratio"] > 1 and row["setting"] == "stride2(1->3)"
+    tread = flops_table_row("dit", "tiny", routes=[{"start": 1, "end": 3, "rate": 0.5}], **data)
     assert tread["tokens_per_block"] == row["tokens_per_block"] and tread["gflops_fwd_routed"] == row["gflops_fwd_routed"]
     Strided.tokens_per_block = lambda self, force_rate=None: [64] * 6
     try:

@@ -91,7 +91,7 @@ def test_methods_tiny_end_to_end(tmp_path):
     assert set(table.status) == {"ok"} and sorted(table.step.unique()) == [4, 8]
     final = table[table.step == 8]
     assert len(final) == 16 and final.fid.notna().all() and table.eval_loss.notna().all()
-    routes = dict(zip(final.run_id, final.routes))
+    routes = dict(zip(final.run_id, final.setting))
     assert routes["dit-tiny-maskdit"] == "maskdit@0.5, decoder 1x32, mae 0.1; from step 6: maskdit@0"
     assert routes["rwkv-tiny-sprint"] == "sprint(2->3)@0.75, path drop 0.1; from step 6: sprint(2->3)@0"
     selection = dict(zip(final.run_id, final.selection))

@@ -42,7 +42,7 @@ def test_plan_of_dit_scaling_full_on_cpu_trains_nothing(tmp_path):
     assert xl.mem_weights_gib + xl.mem_grads_gib + xl.mem_adamw_gib + xl.mem_ema_gib == pytest.approx(
         20 * xl.params / 2**30, rel=1e-6)
     tread = plan[(plan["size"] == "XL/2") & (plan.method == "tread")].iloc[0]
-    assert tread.routes == "r(2->24)@0.5"
+    assert tread.setting == "r(2->24)@0.5"
     assert tread.train_gflops_per_image == pytest.approx(3 * 69.17, rel=2e-3)  # the flops table's routed forward
     assert tread.mem_activations_gib < xl.mem_activations_gib  # routed blocks keep half the tokens
 

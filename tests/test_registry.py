@@ -70,5 +70,16 @@ def test_user_backbone_trains_with_tread_through_the_suite(tmp_path):
     table = pd.read_csv(tmp_path / "results" / "smoke.csv")
     assert table.method.tolist() == ["baseline", "tread"]
     assert set(table.backbone) == {"test_mixer"} and set(table.status) == {"ok"}
-    assert table.loc[table.method == "tread", "routes"].item() == "r(1->3)@0.5"
+    assert table.loc[table.method == "tread", "setting"].item() == "r(1->3)@0.5"
     assert (table.steps == 12).all() and table.final_loss.notna().all()
+
+
+def test_a_size_the_scale_needs_and_the_backbone_lacks_is_one_error_naming_both(tmp_path):
+    register_backbone("test_mixer_small", sizes={"small": dict(depth=4, dim=32, patch=4)})(TestMixer)
+    with pytest.raises(ConfigError) as err:
+        run(["suite=smoke", "scale=tiny", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+             "suite.backbones=[{name:test_mixer_small,size:small}]"])
+    assert str(err.value) == ("backbone 'test_mixer_small' has no size 'tiny', which scale=tiny gives every backbone; "
+                              "add 'tiny' to its size table (@register_backbone(..., sizes=...)) or pick another "
+                              "scale; its sizes: small")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tread_bench.engine
+from routing.routes import route_fields
 from suite_helpers import compose_suite
 
 IMAGENET_SUITES = ["arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance"]
@@ -38,7 +39,7 @@ def test_cpu_study_protocol():
     assert {m for m, _ in by_backbone["dit"]} == {"baseline", "tread", "tread25", "tread75"}
     assert {m for m, _ in by_backbone["rwkv"]} == {"baseline", "tread"}  # the rate sweep is DiT-only
     assert all({s for _, s in v} == {0, 1, 2} for v in by_backbone.values())
-    rates = {r.method: r.routes[0]["rate"] for r in runs if r.routes}
+    rates = {r.method: route_fields(r.args["routes"][0])[2] for r in runs if r.args.get("routes")}
     assert rates == {"tread": 0.5, "tread25": 0.25, "tread75": 0.75}
 
 

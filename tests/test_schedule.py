@@ -169,7 +169,7 @@ def test_train_flops_column_follows_the_stages_against_a_hand_count(tmp_path):
     for step in (2, 4, 6, 8):
         by_hand = 16 * (min(step, 6) * masked + max(0, step - 6) * unmasked)
         assert table.loc[step, "train_flops"] == pytest.approx(by_hand, rel=1e-12)
-    assert table.routes.iloc[0] == "maskdit@0.5, decoder 2x32, mae 0.1; from step 6: maskdit@0"
+    assert table.setting.iloc[0] == "maskdit@0.5, decoder 2x32, mae 0.1; from step 6: maskdit@0"
 
 
 def test_plan_sums_the_stages_and_takes_the_largest_memory(tmp_path, capsys):
@@ -281,14 +281,13 @@ def test_a_refused_value_changes_nothing():
 
 
 # ------------------------------------------------------------------------------------------------------
-# the configuration hash and the routes column
+# the configuration hash and the setting column
 # ------------------------------------------------------------------------------------------------------
 
-def test_the_configuration_hash_includes_the_schedule_and_runs_without_one_keep_theirs():
-    spec = RunSpec("methods", "tiny", "dit", "tiny", "maskdit", [], "none", kind="maskdit", args={"mask_ratio": 0.5})
+def test_the_configuration_hash_includes_the_schedule_and_the_method_arguments():
+    spec = RunSpec("methods", "tiny", "dit", "tiny", "maskdit", "maskdit", {"mask_ratio": 0.5})
     plain = asdict(spec)
-    without_key = {k: v for k, v in plain.items() if k != "schedule"}
-    assert config_hash({"run": plain}) == config_hash({"run": without_key})  # hashed as before schedules existed
+    assert config_hash({"run": plain}) != config_hash({"run": {**plain, "args": {"mask_ratio": 0.25}}})
     hashes = {config_hash({"run": plain})}
     for schedule in ([{"step": 6, "mask_ratio": 0.0}], [{"step": 5, "mask_ratio": 0.0}],
                      [{"step": 6, "mask_ratio": 0.1}]):
@@ -296,7 +295,7 @@ def test_the_configuration_hash_includes_the_schedule_and_runs_without_one_keep_
     assert len(hashes) == 4
 
 
-def test_the_routes_column_says_the_schedule():
+def test_the_setting_column_says_the_schedule():
     import tread_bench.engine
     from suite_helpers import compose_suite
 
@@ -312,7 +311,7 @@ def test_the_routes_column_says_the_schedule():
     for run_id, text in expected.items():
         r = runs[run_id]
         model = tread_bench.engine.validate_run(r, (4, 32, 32), 1000)
-        assert r.routes_str() == text
+        assert r.setting == text
         assert model.net.describe() == text.split(";")[0]  # the returned network is at the entry's own settings
         selections[run_id] = model.net.selection
     assert selections["mamba-B2-sprint"] == "subgrid" and selections["dit-B2-sprint"] == "structured"

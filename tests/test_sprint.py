@@ -193,7 +193,7 @@ def test_flops_match_a_hand_count_with_the_fusion_layer():
     layernorm = 4 * d  # fvcore: 4 MACs per LayerNorm element (two per block per token, one in the head)
     assert train["fvcore_macs"] == train["torch_macs"] + layernorm * (2 * (4 * n + 2 * n_kept) + n)
     row = flops_table_row("dit", "tiny", kind="sprint", input_size=32, in_channels=1, num_classes=CLASSES)
-    baseline = flops_table_row("dit", "tiny", [], input_size=32, in_channels=1, num_classes=CLASSES)
+    baseline = flops_table_row("dit", "tiny", routes=[], input_size=32, in_channels=1, num_classes=CLASSES)
     assert row["tokens_per_block"] == "2x64,2x16,2x64" and row["selection"] == "structured"
     assert row["gflops_fwd_routed"] * 1e9 == train["fvcore_macs"]
     assert row["params"] - baseline["params"] == 2 * d * d + d + d  # fusion weight and bias, mask token
@@ -243,7 +243,7 @@ def test_sprint_trains_through_the_smoke_suite(tmp_path):
                 "+suite.methods.sprint={kind:sprint}"]) == 0
     table = pd.read_csv(tmp_path / "r" / "smoke.csv").set_index("method")
     assert list(table.index) == ["baseline", "sprint"] and set(table.status) == {"ok"}
-    assert table.loc["sprint", "routes"] == "sprint(2->3)@0.75, path drop 0.1"
+    assert table.loc["sprint", "setting"] == "sprint(2->3)@0.75, path drop 0.1"
     assert table.loc["sprint", "selection"] == "structured"
     assert table.loc["sprint", "params"] - table.loc["baseline", "params"] == 2 * 64 * 64 + 2 * 64
     speed = pd.read_csv(tmp_path / "r" / "smoke_speedup.csv").set_index("method")
@@ -329,7 +329,7 @@ def test_bad_forced_rate_and_suite_entries_are_one_line(tmp_path):
         run(base + ["+suite.methods.sprint={kind:sprint,dense_head:4}"])
     with pytest.raises(ConfigError) as err:  # the README's bad-input table
         run(base + ["+suite.methods.sprint={kind:sprint,drop_ratio:0.3}"])
-    assert str(err.value) == ("sprint: drop ratio 0.3 cannot be made by structured grouping on the 8x8 token grid "
+    assert str(err.value) == ("suite.methods.sprint: sprint: drop ratio 0.3 cannot be made by structured grouping on the 8x8 token grid "
                               "(each g x g group keeps k tokens, so the ratio must be 1 - k/g^2; g=2: 0.25, 0.5, 0.75; "
                               "g=4: a multiple of 1/16); choose such a drop_ratio or grouping: random")
     guidance = ["suite=guidance", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",

@@ -5,7 +5,7 @@ import pytest
 from tread_bench.core.errors import ConfigError
 from suite_helpers import run
 
-COLUMNS = ["suite", "backbone", "size", "method", "routes", "selection", "params", "steps", "images_seen",
+COLUMNS = ["suite", "backbone", "size", "method", "setting", "selection", "params", "steps", "images_seen",
            "final_loss", "samples_per_s", "wall_time_s", "device", "torch", "seed", "status"]
 
 

@@ -342,8 +342,8 @@ def test_both_methods_train_through_the_smoke_suite(tmp_path):
                 "suite.methods.maskdit.decoder_heads=4"]) == 0
     table = pd.read_csv(tmp_path / "r" / "smoke.csv").set_index("method")
     assert sorted(table.index) == ["baseline", "drop", "maskdit"] and set(table.status) == {"ok"}
-    assert table.loc["maskdit", "routes"] == "maskdit@0.5, decoder 1x32, mae 0.1"
-    assert table.loc["drop", "routes"] == "drop(0->5)@0.5" and table.loc["drop", "selection"] == "random"
+    assert table.loc["maskdit", "setting"] == "maskdit@0.5, decoder 1x32, mae 0.1"
+    assert table.loc["drop", "setting"] == "drop(0->5)@0.5" and table.loc["drop", "selection"] == "random"
     assert table.loc["drop", "params"] == table.loc["baseline", "params"] < table.loc["maskdit", "params"]
     speed = pd.read_csv(tmp_path / "r" / "smoke_speedup.csv").set_index("method")
     assert speed.loc["drop", "flop_ratio"] > 1 and speed.loc["maskdit", "flop_ratio"] > 1

@@ -102,7 +102,7 @@ def assert_baseline_and_tread(res, out):
     table = pd.read_csv(out / "results" / "smoke.csv")
     assert table.method.tolist() == ["baseline", "tread"]
     assert set(table.backbone) == {NAME} and set(table.status) == {"ok"}
-    assert table.loc[table.method == "tread", "routes"].item() == "r(1->3)@0.5"
+    assert table.loc[table.method == "tread", "setting"].item() == "r(1->3)@0.5"
     assert (table.steps == 6).all() and table.final_loss.notna().all()
 
 

@@ -1,27 +1,10 @@
 """Precomputed latent arrays: a folder of shards plus ``meta.json``, read out of core.
 
-Layout (written by ``python -m tread_bench.data.encode_latents`` or by hand)::
-
-    meta.json            {"shape": [4, 32, 32], "scaling_factor": 0.18215, "num_classes": 1000,
-                          "shards": ["latents_00000.npy", ...]}
-    latents_00000.npy    (n, C, H, W) float16/float32, already multiplied by scaling_factor
-    labels_00000.npy     (n,) integer class labels
-
-Shards written before (``"shards": ["shard_00000.npz", ...]``, arrays ``latents`` and ``labels``) are read
-as they are: ``np.savez`` stores its members uncompressed, so the latents are read in place inside the zip
-file, with no conversion. A compressed ``.npz`` (``np.savez_compressed``) cannot be read in place: its
-latents are converted once, on first use, into ``<stem>.latents.npy`` next to it (a line is printed).
-
-Out of core: only the labels (8 bytes per image) are held in memory. ``ImageSet.images`` is a
-:class:`ShardedLatents` view; ``images[idx]`` (a LongTensor or array of global indices, a slice, an int)
-reads those rows from the shards with positional reads (``os.preadv``) in their on-disk dtype and returns
-them as one float32 tensor. Memory-mapping was measured and not kept: every page a process touches through
-a map stays in its resident set (50 random batches of 256 from 1k vs 10k latents of 4x32x32 float16: peak
-RSS +20 MiB vs +90 MiB, i.e. it grows with the set), whereas positional reads leave the data in the OS page
-cache (shared between processes, reclaimable) and keep the process's memory flat as the set grows
-(+0.2 MiB for the same 1k -> 10k; tests/test_latents.py).
-
-The loader checks shape, dtype and scaling at start and fails with one line naming the fix.
+``meta.json`` names the shape, scaling_factor, num_classes and shards; ``latents_<k>.npy`` holds (n, C, H, W)
+float16/float32 already multiplied by scaling_factor, ``labels_<k>.npy`` (n,) integer labels (``.npz`` shards are
+read too). Only the labels stay in memory: ``images[idx]`` reads rows with positional reads (``os.preadv``), not a
+memory map, so the process's memory stays flat as the set grows. Shape, dtype and scaling are checked at start.
+Details: docs/internals.md#tread_benchdatalatentspy
 """
 from __future__ import annotations
 

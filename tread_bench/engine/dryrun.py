@@ -1,19 +1,10 @@
 """``scale=dryrun``: every run of a paper suite at full model size for 2 steps, each in a fresh process, and its
 peak memory next to plan=true's estimate (``results/dryrun.csv`` and ``.md``).
 
-What a run is and what it trains is set by suites/suite_scale/common_dryrun.yaml (``suite.dryrun: true``); this
-module supplies what differs from a normal suite run:
-
-* a fresh process per run (:func:`run_in_fresh_process`; the train kind calls it per run, any other kind, e.g.
-  guidance, runs as a whole in one, :func:`run_isolated_suite`). A process that ran one run only has that run's
-  peak RSS as its own (VmHWM, or ru_maxrss), which a worker reused across runs would not.
-* the measurements, taken in that process (:func:`peak_memory`): ``base_rss_mib`` before the network is built
-  (interpreter, torch, data), ``train_peak_rss_mib`` at the start of the final evaluation (training only),
-  ``peak_rss_mib`` at the end (evaluation and the checkpoint save included), and on CUDA the allocator's peak.
-* the table (:func:`write_dryrun_table`): per run, parameters, the measured peaks, plan=true's memory estimate for
-  the same run at the dry run's batch and precision (tread_bench.engine.plan.plan_row, the function plan=true prints), and the
-  estimate's error against the measured training growth (train peak - base), wall times and status.
-* the final checkpoint is written (the save runs at full size) and then deleted (:func:`drop_checkpoint`).
+Runs are set by suites/suite_scale/common_dryrun.yaml; a fresh process per run (:func:`run_in_fresh_process`) makes
+its peak RSS that run's own. :func:`peak_memory` takes the measurements, :func:`write_dryrun_table` writes the
+table, and the final checkpoint is saved at full size, then deleted (:func:`drop_checkpoint`).
+Details: docs/internals.md#tread_benchenginedryrunpy
 """
 from __future__ import annotations
 
@@ -119,7 +110,7 @@ def dryrun_row(run, suite: DictConfig, measured: dict, device: str, processes: i
     process reported) and plan=true's estimate, with the estimate's error against the measured training growth."""
     plan = plan_memory(run, suite, device, processes)
     row = {"suite": run.suite, "run": run.dir_name, "backbone": run.backbone, "size": run.size, "method": run.method,
-           "routes": run.routes_str(), "params": plan["params"], "steps": measured.get("steps"),
+           "setting": run.setting, "params": plan["params"], "steps": measured.get("steps"),
            "batch": plan["batch"], "precision": plan["precision"], "status": measured.get("status", "failed"),
            "error": measured.get("error") or ""}
     for key in ("peak_rss_mib", "train_peak_rss_mib", "base_rss_mib", "peak_cuda_mib", "train_peak_cuda_mib"):
@@ -145,7 +136,7 @@ NOTES = [
     "peak_rss_mib: the process's peak RSS over the whole run (VmHWM); train_peak_rss_mib: at the start of the final "
     "evaluation (training only); base_rss_mib: before the network was built (interpreter, torch, data); "
     "train_growth_mib = train peak - base. plan_mib: plan=true's estimate for the same run at this batch and "
-    "precision (tread_bench/engine/plan.py: 20 bytes/parameter + activations); plan_error_pct = plan / train growth - 1 "
+    "precision (tread_bench/measure/cost.py: 20 bytes/parameter + activations); plan_error_pct = plan / train growth - 1 "
     "(on CUDA: plan / the allocator's training peak - 1).",
 ]
 
@@ -155,7 +146,7 @@ def write_dryrun_table(cfg: DictConfig, rows: list) -> pd.DataFrame:
     results_dir = Path(cfg.results_dir)
     with tables_lock(results_dir, TABLE):
         table = upsert_csv(results_dir / f"{TABLE}.csv", rows, ["suite", "run"])
-        show = table[["suite", "run", "routes", "params", "batch", "precision", "status", "peak_rss_mib",
+        show = table[["suite", "run", "setting", "params", "batch", "precision", "status", "peak_rss_mib",
                       "train_peak_rss_mib", "train_growth_mib", "plan_mib", "plan_error_pct", "run_wall_s",
                       "train_wall_s"]].copy()
         show["params"] = (show["params"] / 1e6).round(1).astype(str) + "M"

@@ -1,20 +1,10 @@
 """Finished runs shared between suites: ``suite.reuse_from: [<suite>, ...]``.
 
-Two suites often hold the same run: the methods suite's CPU baseline and TREAD are the arch_agnostic study's
-DiT runs, seed for seed. A run of this suite that has not finished is taken from a listed suite instead of
-trained again when both of these hold:
-
-* the other suite's run finished under the other suite's configuration as it is now composed (the
-  ``config_hash`` of its result rows equals :func:`tread_bench.engine.spec.config_hash` of that configuration), and
-* the two runs share their protocol: :func:`protocol_hash`, the configuration hash without what only names or
-  lists a suite's runs (its name, its backbone and method lists, its seeds, how many run at a time). What is
-  left decides a run's numbers: data, training, evaluation, objective, and the run's own backbone, size,
-  method entry, selection and seed.
-
-The other run's folder is copied (never moved or changed) and its rows are rewritten as this suite's, with a
-``reused_from`` column naming the source; the result is what training it again would give, bit for bit, since
-training is deterministic given the configuration (tests/test_reliability.py). Command-line overrides apply
-to this suite only, so any override that changes the protocol turns reuse off for that run.
+An unfinished run is copied from a listed suite instead of trained again when the other run finished under that
+suite's configuration as now composed (the ``config_hash`` of its rows) and both runs share their protocol
+(:func:`protocol_hash`: the configuration hash without what only names or lists a suite's runs). The folder is
+copied, never moved, and its rows are rewritten as this suite's, with a ``reused_from`` column.
+Details: docs/internals.md#tread_benchenginereusepy
 """
 from __future__ import annotations
 
@@ -58,7 +48,7 @@ def _other_snapshot(other: str, scale: str, dir_name: str, data_shape, num_class
     suite = resolve_suite(cfg)
     for run in expand_runs(suite, cfg.scale):
         if run.dir_name == dir_name:
-            run.selection = validate_run(run, data_shape, num_classes).net.selection
+            validate_run(run, data_shape, num_classes)
             return {"suite": OmegaConf.to_container(suite), "run": asdict(run)}
     return None
 

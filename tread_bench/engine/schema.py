@@ -226,19 +226,19 @@ def check_section(path: str, section: str, value: Mapping, schema: type,
 
 
 def check_method(name: str, entry, steps: Optional[int] = None) -> None:
-    """One entry of suite.methods: null (removed by a scale), or ``{kind: <method kind> (default tread),
-    backbones: [names] (optional filter), schedule: [{step, <settings>}] (optional; tread_bench/methods/schedule.py),
-    <the kind's own arguments>}``. TREAD's arguments are ``routes`` (a list; each route a mapping or the paper's
-    notation, "2->8@0.5") and ``selection``. ``steps``: the suite's training steps (schedule steps must be below)."""
-    from tread_bench.methods import parse_schedule
-    from routing.routes import route_fields, show_route
+    """One entry of suite.methods: null (removed by a scale), or ``{kind: <method kind> (default
+    methods.DEFAULT_KIND), backbones: [names] (optional filter), schedule: [{step, <settings>}] (optional;
+    tread_bench/methods/schedule.py), <the kind's own arguments>}``: the names of the arguments are checked here,
+    their values by the method when validate_run builds it. ``steps``: the suite's training steps (schedule steps
+    must be below)."""
+    from tread_bench.methods import DEFAULT_KIND, parse_schedule
 
     path = f"suite.methods.{name}"
     if entry is None:
         return
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{path} must be a mapping such as {{routes: [\"2->8@0.5\"]}}, got {entry!r}")
-    kind = entry.get("kind", "tread")
+    kind = entry.get("kind", DEFAULT_KIND)
     if not isinstance(kind, str):
         raise ConfigError(f"{path}.kind must be the name of a method kind, got {kind!r}")
     only = entry.get("backbones")
@@ -253,16 +253,6 @@ def check_method(name: str, entry, steps: Optional[int] = None) -> None:
                 raise ConfigError(f"unknown key '{path}.{key}' for a method of kind {kind}; "
                                   f"{suggest(key, keys)}its keys are: {', '.join(keys)}")
     parse_schedule(entry.get("schedule"), f"{path}.schedule", kind, steps)  # values: by the method, at validate_run
-    if kind == "tread":
-        routes = args.get("routes")
-        if routes is not None and not isinstance(routes, (list, tuple)):
-            raise ConfigError(f"{path}.routes must be a list of routes, got {show_route(routes)}; "
-                              f"e.g. routes: [\"2->8@0.5\"] or [{{start: 2, end: 8, rate: 0.5}}]")
-        for item in routes or []:
-            route_fields(item)
-        selection = args.get("selection")
-        if selection is not None and not isinstance(selection, str):
-            raise ConfigError(f"{path}.selection must be auto, random or rows, got {selection!r}")
 
 
 def root_keys() -> List[str]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from backbones import list_backbones
+from backbones import build_backbone, list_backbones
 from tread_bench.core.errors import ConfigError
-from routing.routes import route_dict
+from tread_bench.methods import DEFAULT_KIND, method_arguments
 
 
 def pick_device(requested: str) -> str:
@@ -57,16 +58,16 @@ class RunSpec:
     scale: str
     backbone: str
     size: str
-    method: str
-    routes: list
-    selection: str
+    method: str                             # the suite's name for the method entry
+    kind: str                               # the method's kind (tread_bench/methods/ registry)
+    args: dict = field(default_factory=dict)  # the method's arguments: its entry's keys but kind, backbones, schedule
     overrides: dict = field(default_factory=dict)
     seed: int = 0
-    kind: str = "tread"                     # the method's kind (tread_bench/methods/ registry)
-    args: dict = field(default_factory=dict)  # the method's other arguments (all keys of its entry but kind,
-                                              # backbones, and for TREAD routes/selection, which have fields)
     objective: dict = field(default_factory=lambda: dict(DEFAULT_OBJECTIVE))  # {name, ...} (diffusion/)
     schedule: list = field(default_factory=list)  # the entry's stages [{step, <settings>}] (tread_bench/methods/schedule.py)
+    # set by validate_run from the built network (not fields: they stay out of asdict() and the config hash)
+    setting: ClassVar[str] = ""             # the method's own description (Method.describe)
+    selection: ClassVar[str] = ""           # the token selection it uses (Method.selection)
 
     @property
     def run_id(self) -> str:
@@ -75,23 +76,9 @@ class RunSpec:
         name = self.objective.get("name", "edm")
         return f"{self.backbone}-{self.size.replace('/', '')}-{self.method}" + ("" if name == "edm" else f"-{name}")
 
-    def method_args(self) -> dict:
-        """Keyword arguments of the run's method (methods.build_network)."""
-        if self.kind == "tread":
-            return {"routes": self.routes, "selection": self.selection, **self.args}
-        return dict(self.args)
-
     @property
     def dir_name(self) -> str:
         return f"{self.run_id}-seed{self.seed}"
-
-    def routes_str(self) -> str:
-        """The method's description (resolved routes, negative ends counted from the top) once validate_run
-        has run."""
-        description = getattr(self, "description", None)
-        if description is not None:
-            return description
-        return " ".join(f"r({r['start']}->{r['end']})@{r['rate']:g}" for r in self.routes) or "none"
 
 
 def suite_seeds(suite: DictConfig) -> list[int]:
@@ -108,8 +95,9 @@ def suite_seeds(suite: DictConfig) -> list[int]:
 def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:
     """Backbone x seed x method, in that order (the runs of one backbone and seed finish close together).
 
-    A method entry names its ``kind`` (tread_bench/methods/ registry; default tread) and its arguments; TREAD's are
-    ``routes`` and ``selection``. It may name the backbones it applies to (``backbones: [dit]``), e.g. a sweep
+    A method entry names its ``kind`` (tread_bench/methods/ registry; methods.DEFAULT_KIND when it names none) and
+    its arguments; a method that takes ``selection`` and whose entry sets none gets the backbone entry's or the
+    suite's. It may name the backbones it applies to (``backbones: [dit]``), e.g. a sweep
     run on one backbone only. Entries that collapse to the same backbone and size under a scale (every size ->
     "tiny") run once. Every run gets the suite's objective (``objective=<name>`` on the command line).
     """
@@ -117,6 +105,11 @@ def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:
     runs, seen = [], set()
     for entry in suite.backbones:
         size = scale.size or entry.size
+        sizes = list_backbones().get(entry.name)
+        if scale.size and sizes is not None and scale.size not in sizes:
+            raise ConfigError(f"backbone '{entry.name}' has no size '{scale.size}', which scale={scale.name} gives every "
+                              f"backbone; add '{scale.size}' to its size table (@register_backbone(..., sizes=...)) or "
+                              f"pick another scale; its sizes: {', '.join(sizes)}")
         for seed in suite_seeds(suite):
             for method, spec in suite.methods.items():
                 if spec is None:  # a method removed by a scale override
@@ -124,17 +117,14 @@ def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:
                 only = spec.get("backbones")
                 if only is not None and entry.name not in only:
                     continue
-                kind = spec.get("kind", "tread")
-                # a route in the paper's notation ("2->8@0.5") becomes a mapping; mappings stay as written
-                routes = [route_dict(r) if isinstance(r, str) else dict(r) for r in (spec.get("routes") or [])]
-                selection = spec.get("selection", entry.get("selection", suite.get("selection", "auto")))
-                args = {k: v for k, v in _plain(spec).items()
-                        if k not in ("kind", "backbones", "routes", "selection", "schedule")}
-                if kind != "tread":  # other kinds get exactly their entry's arguments
-                    args.update({k: spec[k] for k in ("routes", "selection") if k in spec})
-                    routes, selection = [], "none"
-                run = RunSpec(suite.name, scale.name, entry.name, size, method, routes, selection,
-                              dict(entry.get("overrides") or {}), seed, kind, args, objective,
+                kind = spec.get("kind", DEFAULT_KIND)
+                args = {k: v for k, v in _plain(spec).items() if k not in ("kind", "backbones", "schedule")}
+                if "selection" not in args and "selection" in (method_arguments(kind) or ()):
+                    fallback = entry.get("selection", suite.get("selection"))  # the backbone's, else the suite's
+                    if fallback is not None:
+                        args["selection"] = fallback
+                run = RunSpec(suite.name, scale.name, entry.name, size, method, kind, args,
+                              dict(entry.get("overrides") or {}), seed, objective,
                               list(_plain(spec).get("schedule") or []))
                 if (run.run_id, seed) not in seen:
                     seen.add((run.run_id, seed))
@@ -148,7 +138,7 @@ def build_run_network(run: RunSpec, data_shape, num_classes: int, seed: int = 0,
     from tread_bench.methods import build_network
 
     return build_network(run.backbone, run.size, data_shape, num_classes, run.kind, seed=seed,
-                         fp32_after_route=fp32_after_route, overrides=run.overrides, **run.method_args())
+                         fp32_after_route=fp32_after_route, overrides=run.overrides, **run.args)
 
 
 def build_run_model(run: RunSpec, data_shape, num_classes: int, seed: int = 0, fp32_after_route: bool = True):
@@ -187,7 +177,7 @@ def prepare_runs(cfg: DictConfig, suite: DictConfig, data_shape, num_classes: in
                               f"{', '.join(r.dir_name for r in runs)}")
         runs = kept
     for run in runs:
-        run.selection = validate_run(run, data_shape, num_classes).net.selection
+        validate_run(run, data_shape, num_classes)
     return runs
 
 
@@ -197,8 +187,9 @@ def _plain(cfg) -> dict:
 
 def validate_run(run: RunSpec, data_shape, num_classes: int):
     """Build the run's model on the meta device: checks backbone, size, shape, method and objective for free, and
-    the schedule's stages (applied in order to a second meta network). Returns ``objective.wrap(network)`` (its
-    ``.net`` is the method network, at the entry's own settings)."""
+    the schedule's stages (applied in order to a second meta network). Sets the run's ``setting`` and
+    ``selection`` from the network. Returns ``objective.wrap(network)`` (its ``.net`` is the method network, at the
+    entry's own settings)."""
     from tread_bench.methods import describe_schedule, parse_schedule
     from diffusion import build_objective
 
@@ -206,23 +197,27 @@ def validate_run(run: RunSpec, data_shape, num_classes: int):
         raise ConfigError(f"unknown backbone '{run.backbone}' in suite {run.suite}; "
                           f"registered: {', '.join(list_backbones())}")
     objective = build_objective(**run.objective)
-    with torch.device("meta"):
-        model = objective.wrap(build_run_network(run, data_shape, num_classes))
-    run.description = model.net.describe()  # not a dataclass field: stays out of asdict() and the config hash
+    channels, height, _ = data_shape
+    with torch.device("meta"):  # the backbone alone first: its errors are not the method entry's
+        build_backbone(run.backbone, run.size, input_size=height, in_channels=channels, num_classes=num_classes,
+                       **run.overrides)
+        try:
+            model = objective.wrap(build_run_network(run, data_shape, num_classes))
+        except ConfigError as err:
+            raise ConfigError(f"suite.methods.{run.method}: {err}") from None
+    run.setting, run.selection = model.net.describe(), model.net.selection
+    if "selection" in run.args:
+        run.args["selection"] = run.selection  # resolved ("auto" -> what trains), so the config hash sees it
     if run.schedule:
         path = f"suite.methods.{run.method}.schedule"
         stages = parse_schedule(run.schedule, path, run.kind)
         with torch.device("meta"):
             staged = build_run_network(run, data_shape, num_classes)
-        run.description = describe_schedule(staged, stages, path)  # every stage's values checked by the method
+        run.setting = describe_schedule(staged, stages, path)  # every stage's values checked by the method
     return model
 
 
 DEFAULT_OBJECTIVE = {"name": "edm"}
-# Run keys added after runs were first hashed, at their default values: left out of the hash, so runs
-# configured before methods and objectives were plug-ins keep their hash (and resume their checkpoints).
-_HASH_DEFAULTS = {"kind": "tread", "args": {}, "objective": DEFAULT_OBJECTIVE, "schedule": []}
-
 
 # Train keys that cannot change a run's results (how data is read): kept out of the hash.
 _HASH_IGNORED_TRAIN = ("loader_workers",)
@@ -239,8 +234,4 @@ def config_hash(obj) -> str:
         if isinstance(suite, dict) and isinstance(suite.get("train"), dict):
             train = {k: v for k, v in suite["train"].items() if k not in _HASH_IGNORED_TRAIN}
             obj["suite"] = {**suite, "train": train}
-        if isinstance(obj.get("run"), dict):
-            obj["run"] = {k: v for k, v in obj["run"].items() if _HASH_DEFAULTS.get(k, object()) != v}
-        if isinstance(obj.get("suite"), dict) and obj["suite"].get("objective") == DEFAULT_OBJECTIVE:
-            obj["suite"] = {k: v for k, v in obj["suite"].items() if k != "objective"}
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,21 +1,10 @@
 """Live tracking of a training run through accelerate's trackers: ``tracker=tensorboard|wandb|none``.
 
-* ``tensorboard`` (default, offline): event files under the run folder, ``<run_dir>/tensorboard/``; watch a
-  study with ``tensorboard --logdir runs/`` (each run is one folder).
-* ``wandb``: one W&B run per training run (project ``tread-bench``, group ``<suite>_<scale>``, named after
-  the run folder, its files under the run folder); needs ``pip install wandb`` and ``wandb login``, or
-  ``WANDB_MODE=offline`` (then ``wandb sync`` later). Without the package the suite stops before training
-  with one ``error:`` line (:func:`check_tracker`).
-* ``none``: nothing.
-
-Logged, at the trainer's step: at every log line ``train/loss`` (mean over the steps since the last line),
-``train/samples_per_s`` (images / training seconds over those steps; evaluation is off the clock) and
-``train/lr``; at every evaluation ``eval/<column>`` for each number of the evaluation row (``eval_loss``, the
-per-level ``eval_loss_sigma*``, ``fid``, ...) and the sample grid as the image ``eval/samples`` (same noise and
-labels at every evaluation, so the images show the same samples improving). Only the main process logs.
-
-A resumed run's events continue its earlier ones: TensorBoard drops the earlier file's events after the
-resumed step (``purge_step``); a run that starts afresh first deletes its folder's old events.
+``tensorboard`` (default, offline) writes under ``<run_dir>/tensorboard/``; ``wandb`` makes one W&B run per training
+run (project ``tread-bench``) and needs the package, else :func:`check_tracker` stops the suite. The main process
+logs ``train/*`` at every log line, ``eval/<column>`` and the image ``eval/samples`` at every evaluation. A resumed
+run's events continue its earlier ones (``purge_step``).
+Details: docs/internals.md#tread_benchenginetrackingpy
 """
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
 
     if jobs == 1 and not dryrun:
         for run, run_dir, snapshot, base in pending:
-            print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
+            print(f"[{run.dir_name}] {run.method}: {run.setting}, selection {run.selection}")
             run_rows, ok = train_and_record(run, suite, data, run_dir, device, snapshot, base, tracker)
             if main_process:
                 atomic_write_text(run_dir / "result.json", json.dumps(run_rows, indent=1, default=str))
@@ -224,7 +224,7 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
         threads = max(1, os.cpu_count() or 1)
         print(f"dry run: {len(pending)} runs, one at a time, each in a fresh process with {threads} thread(s)")
         for run, run_dir, snapshot, base in pending:
-            print(f"[{run.dir_name}] {run.method}: routes {run.routes_str()}, selection {run.selection}")
+            print(f"[{run.dir_name}] {run.method}: {run.setting}, selection {run.selection}")
             try:
                 run_rows, ok = run_in_fresh_process(_worker, job(run, run_dir, snapshot, base, threads))
             except RuntimeError as err:  # the process died (e.g. out of memory): this run fails, the next one runs

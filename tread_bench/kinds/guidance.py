@@ -136,7 +136,7 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
             per_eval = sampling_macs(den.net, data.shape, data.num_classes, ev, full)
             metrics = FIDEvaluator(ev, *reference, data.num_classes, objective)(den, data.shape, device)
             row = {"suite": suite.name, "scale": cfg.scale.name, "backbone": run.backbone, "size": run.size,
-                   "method": run.method, "seed": run.seed, "routes": run.routes_str(),
+                   "method": run.method, "seed": run.seed, "setting": run.setting,
                    "train_steps": summary["steps"], "mode": mode, "nfe": nfe,
                    "sampling_gflops_per_image": nfe * per_eval / 1e9, "cost_vs_unguided": per_eval / full,
                    **metrics, **environment(device), "config_hash": config_hash(snapshot)}

@@ -72,7 +72,7 @@ def run_throughput_suite(cfg: DictConfig, suite: DictConfig) -> int:
             peak = (measure_cpu_peak(builders[m], shape, d.num_classes, suite.batch, precision=precision)["peak_mb"]
                     if cpu_rss else t["peak_mem_mb"])
             rows.append({"suite": suite.name, "scale": cfg.scale.name, "backbone": backbone, "size": size,
-                         "method": m, "routes": group[m].routes_str(), "batch": suite.batch, "precision": precision,
+                         "method": m, "setting": group[m].setting, "batch": suite.batch, "precision": precision,
                          "steps_measured": t["n"], "warmup_steps": suite.warmup, "mean_ms": 1e3 * t["mean_s"],
                          "p50_ms": 1e3 * t["p50_s"], "p90_ms": 1e3 * t["p90_s"],
                          "samples_per_s": suite.batch / t["mean_s"], "peak_mem_mb": peak,

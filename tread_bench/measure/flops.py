@@ -1,40 +1,10 @@
 """Forward and training cost of any network called as ``net(x, noise_labels, class_labels, **kw)``.
 
-Convention (DiT, Peebles & Xie 2023, "Gflops"): one multiply-add (MAC) counts as ONE FLOP, forward
-pass, batch 1, no classifier-free-guidance doubling. Training cost per image = 3 x forward (the
-standard estimate: backward = 2 x forward, one product for the input gradient and one for the weight
-gradient). ``tests/test_flops.py`` checks that estimate against a measured backward for DiT.
-
-Two independent counters, which must agree (they differ only by the norms fvcore counts):
-
-* fvcore ``FlopCountAnalysis`` (jit trace; counts MACs). It counts linear/matmul/bmm/einsum/conv
-  and norms (4 per element for LayerNorm without affine) and ignores element-wise ops. Added here:
-  ``aten::scaled_dot_product_attention`` (missed by fvcore: DiT-XL/2 would read 114.46 instead of
-  118.68), ``aten::baddbmm``, and a one-operand einsum (a permutation, e.g. unpatchify) counted as
-  0 rather than fvcore's numel / 2. The jit tracer cannot run meta-device convolutions, so fvcore
-  runs on a zero-filled CPU copy of a meta network: a real forward pass (seconds for DiT-XL/2).
-* ``torch.utils.flop_counter.FlopCounterMode`` (dispatch; counts 2 FLOPs per MAC, halved here;
-  counts no norms). Its CPU SDPA kernel is unregistered and counts 0, so counting runs under the
-  MATH SDPA backend, which decomposes attention into counted bmm's (verified on meta and CPU). It
-  runs on the meta device (instant), or on the CPU copy if a backbone op refuses meta.
-
-DiT's published figures (S/2 6.06, B/2 23.01, L/2 80.71, XL/2 118.64) sit between the two counters
-(within 0.1%): they equal the torch count plus DiT's 8-channel (learned-sigma) output layer plus one
-FLOP per LayerNorm element, to the two decimals printed; fvcore counts 4 per LayerNorm element.
-
-Custom scans. Any submodule defining ``scan_macs(self, *inputs) -> int`` (called with the inputs of
-its forward call, see :func:`call_scan_macs`) gets that many MACs added per call by a forward hook,
-in both counters: RWKV's ``BiWKV`` (29 T C per call, the common Bi-WKV estimate) and Mamba's
-``MambaMixer`` (9 B L D_inner N per call = per scan direction, the common selective-scan estimate,
-which includes the C.h read-out). Double counting, checked: fvcore ignores the scans' element-wise
-ops (exp, mul, cumsum...) and records a custom ``autograd.Function`` as an opaque ``prim::PythonOp``,
-so it sees none of the scan. FlopCounterMode, however, dispatches inside autograd Functions: it
-would count the read-out matmul of Mamba's pure-PyTorch scan (B L D_inner N, 1/9 of the estimate)
-a second time. So inside scan modules the torch counter skips ops run in no-grad mode -- the body of
-an autograd Function, which PyTorch always runs without grad -- and counting runs with grad enabled.
-Projections and convolutions of a scan module (even called functionally) are still counted by both.
-A scan module that does matmuls outside an autograd Function would have them counted on top of
-its scan_macs by both counters: keep scan bodies element-wise or inside a Function.
+Convention (DiT, Peebles & Xie 2023, "Gflops"): one multiply-add (MAC) counts as ONE FLOP, forward pass, batch 1,
+no classifier-free-guidance doubling; training cost per image = 3 x forward. Two independent counters must agree:
+fvcore (jit trace, on a CPU copy) and ``torch.utils.flop_counter`` (dispatch, MATH SDPA backend, on meta). A
+submodule defining ``scan_macs(self, *inputs) -> int`` gets that many MACs added per call, in both counters.
+Details: docs/internals.md#tread_benchmeasureflopspy
 """
 from __future__ import annotations
 
@@ -355,7 +325,7 @@ def flops_row(net: nn.Module, input_size: int, in_channels: int, num_classes: in
                            f"{routed['tokens_per_block']}; fix its tokens_per_block")
     return {
         "params": sum(p.numel() for p in net.parameters()),  # the method's own layers too (fusion, decoders)
-        "tokens": net.backbone.num_tokens, "routes": net.describe(), "selection": net.selection,
+        "tokens": net.backbone.num_tokens, "setting": net.describe(), "selection": net.selection,
         "tokens_per_block": _tokens_summary(declared),
         "gflops_fwd": full["fvcore_macs"] / 1e9, "gflops_fwd_routed": routed["fvcore_macs"] / 1e9,
         "gflops_fwd_torch": full["torch_macs"] / 1e9, "gflops_fwd_routed_torch": routed["torch_macs"] / 1e9,
@@ -380,16 +350,16 @@ def train_macs_per_stage(net: nn.Module, stages, data_shape, num_classes: int) -
         macs.append(flops_row(net, h, c, num_classes)["gflops_train"] * 1e9)
     return macs
 
-def flops_table_row(backbone: str, size: str, routes=None, selection=None, input_size: int = 32,
-                    in_channels: int = 4, num_classes: int = 1000, kind: str = "tread", **method_args) -> dict:
-    """:func:`flops_row` of registered ``backbone`` at ``size`` in method ``kind`` (built by
-    methods.build_network on the meta device); ``routes`` and ``selection`` are passed to it when given."""
-    from tread_bench.methods import build_network  # local: keeps `import tread_bench.measure.flops` light
 
-    given = {k: v for k, v in (("routes", routes), ("selection", selection)) if v is not None}
+def flops_table_row(backbone: str, size: str, kind: Optional[str] = None, input_size: int = 32,
+                    in_channels: int = 4, num_classes: int = 1000, **method_args) -> dict:
+    """:func:`flops_row` of registered ``backbone`` at ``size`` in method ``kind`` (methods.DEFAULT_KIND when
+    None) with ``method_args``, built by methods.build_network on the meta device."""
+    from tread_bench.methods import DEFAULT_KIND, build_network  # local: keeps `import tread_bench.measure.flops` light
+
     with torch.device("meta"):
-        net = build_network(backbone, size, (in_channels, input_size, input_size), num_classes, kind,
-                            **given, **method_args)
+        net = build_network(backbone, size, (in_channels, input_size, input_size), num_classes, kind or DEFAULT_KIND,
+                            **method_args)
     return {"backbone": backbone, "size": size, **flops_row(net, input_size, in_channels, num_classes)}
 
 
@@ -428,7 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             span, _, rate = route[0].partition("@")
             start, end = span.split("-")
             routes = [{"start": int(start), "end": int(end), "rate": float(rate or 0.5)}]
-        print(json.dumps(flops_table_row(name, size, routes, selection=parser.parse_args(argv).selection)), flush=True)
+        selection = parser.parse_args(argv).selection
+        print(json.dumps(flops_table_row(name, size, routes=routes, selection=selection)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,10 @@
 """Training memory per GPU: an estimate from the network's shape, and a measured peak on CPU to check it.
 
-Estimate (:func:`estimate_training_memory`), per process, at a per-process batch ``B``:
-
-* state: 20 bytes per parameter = fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32 moments (8) + the
-  fp32 EMA copy (4). Mixed precision (bf16 autocast) keeps all four in fp32.
-* activations: ``B x sum over blocks of (tokens the block sees x its width) x k`` bytes, with the tokens and
-  widths read from a batch-1 training forward on the meta device (so a method's token reduction counts:
-  TREAD's routed blocks see fewer tokens), and ``k`` = :data:`ACTIVATION_BYTES` bytes per token, per
-  block, per unit of width.
-
-``k`` is measured, not derived from a formula: the slope of a training step's peak memory in the batch size,
-divided by sum(tokens x width) (:func:`fit_activation_factor`; DiT-S/2 on 32x32x4, fp32 on CPU, batches 2 and
-6, measured 140.5 and 142.1 bytes in two sittings: 1 image adds the slope's bytes; the slope absorbs the embedding, head and loss, which are small beside 12
-blocks). For comparison, Korthikanti et al. (2022) count 34 bytes per token per layer per unit of width for a
-GPT layer in 16-bit with fused attention; a DiT block saves more (adaLN's modulate and gate products, fp32
-LayerNorm). Under bf16 autocast on GPU most saved tensors are bf16 (the inputs of every matmul) while norms and
-the residual stream stay fp32: :data:`ACTIVATION_BYTES` ``["bf16"]`` is the fp32 factor times 0.6, an
-assumption until it is measured on a GPU (torch.cuda.max_memory_allocated of two steps).
-
-The estimate adds gradients and activations as if they were alive together, which they are only partly
-(gradients are allocated while backward frees activations): it errs on the high side, by design for a plan.
-Not counted: the CUDA context and cuDNN/cuBLAS workspaces (~0.5-1 GiB per GPU), the allocator's fragmentation,
-evaluation (sampling, FID Inception) which runs between steps, and the data loader's pinned buffers.
-
-Measured (:func:`measure_cpu_peak`): a fresh process (spawned) builds the run's network and runs ``steps`` steps
-of the training loop (tread_bench.measure.throughput.make_train_step: loss, backward, AdamW, EMA);
-the result is its peak RSS minus its RSS just before the network was built (the interpreter and torch), the
-peak being reset there (an import can peak higher than the RSS it leaves).
+Estimate (:func:`estimate_training_memory`), per process at batch ``B``: 20 bytes per parameter (fp32 weights,
+gradients, AdamW's two moments, EMA) + ``B x sum over blocks of (tokens the block sees x its width) x k`` bytes,
+``k`` = :data:`ACTIVATION_BYTES`, measured (the slope of a step's peak memory in the batch size); it errs high, by
+design. Measured (:func:`measure_cpu_peak`): a fresh process's peak RSS minus its RSS before the network is built.
+Details: docs/internals.md#tread_benchmeasurememorypy
 """
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
 """Speedup tables and learning curves from per-evaluation run rows, summarised over seeds.
 
-Convergence speedup (TREAD, sec. 5, and MLPerf's time-to-quality): the baseline's training cost to reach
-its final quality (held-out evaluation loss, or FID), divided by the method's cost to reach that same
-value; cost in steps, training FLOPs or training seconds (evaluation off the clock). Costs to reach a
-value are interpolated linearly between evaluations. Computed per seed pair (baseline seed s, method
-seed s), then summarised as mean and 95% t interval over the pairs that reached the value; the table
-says how many did.
-
-Equal-compute comparison (the question when a method is behind at equal steps but each step is cheaper):
-``loss_cost_ratio_<flops|time>`` is the baseline's cost to reach the method's FINAL evaluation loss divided by
-the method's final cost (above 1: the method gets to its final quality cheaper than the baseline gets to the
-same quality); ``eval_loss_diff_equal_<flops|time>`` is the method's final loss minus the baseline's loss at
-the same training FLOPs (seconds), interpolated on the baseline's curve (below 0: the method is better for
-the same compute). Both are NaN when the baseline's curve does not cover the point.
+Convergence speedup (TREAD, sec. 5, and MLPerf's time-to-quality): the baseline's cost to reach its final quality
+divided by the method's cost to reach that value, interpolated linearly between evaluations, per seed pair, then
+mean and 95% t interval. Equal compute: ``loss_cost_ratio_<flops|time>`` and ``eval_loss_diff_equal_<flops|time>``.
+Details: docs/internals.md#tread_benchmeasurespeeduppy
 """
 from __future__ import annotations
 
@@ -229,7 +220,7 @@ def sample_figures(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseli
             row = chosen[chosen.method == method].iloc[0]
             if Path(str(row.grid)).exists():
                 paths.append(row.grid)
-                titles.append(f"{method}: {row.routes}")
+                titles.append(f"{method}: {row.setting}")
         if len(paths) < 2:
             continue
         out = f"{path_prefix}_samples_{backbone}-{str(size).replace('/', '')}.png"

@@ -1,29 +1,10 @@
 """Drop-and-discard as a method plug-in: the naive reference that MaskDiT, TREAD and SPRINT argue against.
 
-Per sample, a random fraction ``rate`` of the tokens (whole rows of the token grid on scan-mixing backbones,
-as TREAD's ``selection: auto``) is dropped before block ``start`` and never comes back::
-
-    tokens = embed(x)
-    tokens = blocks[:start](tokens)                  # dense: every token (start = 0, the default: none)
-    kept = gather(tokens, ids)                       # ids: the kept tokens, ascending raster order
-    kept = blocks[start:](kept)                      # each kept token at its true position (RoPE uses it)
-    out = head(scatter(zeros, ids, kept)) * kept     # defined at the kept tokens only; 0 elsewhere
-
-The loss is taken on the kept tokens only (LossTerms with the kept-token mask as weights), so nothing is
-learnt about the dropped ones: at evaluation (no drop, the default outside training) every token goes through
-every block, a sequence length the blocks never saw in training. With ``start: 0`` this is the official
-MaskDiT code run without its decoder (``use_decoder: false``, ``mae_loss_coef: 0``): its final layer maps
-the kept tokens and pads the output with zeros; here the backbone's head runs on the full sequence with zero
-tokens at the dropped positions (the head is the protocol's, and it wants every position) and its output
-there is set to 0. Every backbone here has a per-token head, so the output at a kept token depends on the
-kept tokens only; the head's cost on the zero tokens is counted in the FLOPs (DiT-XL/2: 128 x 1152 x 16 MACs).
-
-``start`` is this file's choice: ``start: 0`` is the MaskDiT-without-decoder baseline; ``start: i`` makes the
-"TREAD without reinsertion" ablation (TREAD's r(i->depth-1) keeps the routed tokens and puts them back).
-
-:class:`TokenDropper` is the part MaskDiT (tread_bench/methods/maskdit.py) shares: the kept-token draw from the method's
-own CPU generator, made for the global batch and sliced per process (results do not depend on the process
-count), the rate checks and the kept-token masks.
+Per sample, a fraction ``rate`` of the tokens (whole rows on scan-mixing backbones) is dropped before block
+``start`` and never comes back; the loss is taken on the kept tokens only, and the output is 0 at the dropped ones.
+``start: 0`` is MaskDiT without its decoder, ``start: i`` TREAD without reinsertion. :class:`TokenDropper` is the
+kept-token draw MaskDiT shares (made for the global batch from the method's CPU generator, sliced per process).
+Details: docs/internals.md#tread_benchmethodsdroppy
 """
 from __future__ import annotations
 

@@ -1,61 +1,10 @@
 """MaskDiT (Zheng et al., "Fast Training of Diffusion Models with Masked Transformers", TMLR 2024; github
 Anima-Lab/MaskDiT, ``models/maskdit.py`` and ``train_utils/loss.py``) as a method plug-in, on any backbone.
 
-::
-
-    tokens = embed(x)
-    kept = gather(tokens, ids)                        # mask_ratio of the tokens dropped (random, or whole rows)
-    kept = blocks(kept)                               # every backbone block sees the kept tokens only
-    h = decoder_in(kept, cond)                        # adaLN LayerNorm + Linear: backbone width -> decoder width
-    h = scatter(mask_token everywhere, ids, h)        # learned mask token at the dropped positions
-    h = decoder_blocks(h + decoder_pos_embed, cond)   # decoder_depth DiT blocks at decoder_width, full sequence
-    out = unpatchify(decoder_out(h, cond))            # adaLN LayerNorm + Linear: decoder width -> patch pixels
-
-Loss (``LossTerms``; the objectives stay generic): the objective's denoising loss on the kept tokens (the
-per-token mean error, averaged over kept tokens) plus ``mae_weight`` x an MAE reconstruction term on the
-dropped tokens. The official MAE term (``mae_loss`` with ``norm_pix_loss=True``) compares, per dropped patch,
-the model's output to the NOISY INPUT of the network, normalised per patch (mean and unbiased variance over the
-patch's p*p*C values, ``(var + 1e-6) ** 0.5``), as the mean over the patch of the squared difference, averaged
-over the dropped patches, unweighted by the EDM weight, and adds it with weight 0.1. In our terms: the MAE pair
-is (the objective's prediction, the noisy sample the objective fed the network):
-
-* ``objective=edm``: prediction = D(x + sigma n) (the preconditioned output, as the official code: ``D_yn``),
-  noisy = x + sigma n (before c_in). Identical to the official loss.
-* ``objective=flow``: prediction = v(x_t) (the velocity the flow loss compares), noisy = x_t. The same
-  reconstruction task on the same output head; MaskDiT itself only has the EDM form.
-
-Inference and evaluation: unmasked (mask ratio 0) with the decoder applied, as the official ``forward``
-outside training (``generate.py`` never masks); ``force_rate`` masks at any rate in any mode. The paper's
-last stage (unmasked fine-tuning) is ``mask_ratio: 0`` in training: the loss is then the plain one (there are
-no dropped tokens), as the official fine-tune configs.
-
-Design choices (for every backbone):
-
-* **The decoder is DiT blocks for every backbone** (DiT's adaLN-Zero block at ``decoder_width``, conditioned
-  on the backbone's conditioning vector through its own adaLN projections), not blocks of the backbone's own
-  family. The decoder is part of the method, not of the backbone: with the same decoder everywhere, a
-  MaskDiT-vs-baseline difference on RWKV or Mamba is about the backbone seeing fewer tokens, not about a
-  different decoder; attention over the full sequence with an absolute 2-D sin-cos embedding needs no
-  row-wise order (the mask tokens can sit anywhere); and the weights map one-to-one onto the official code
-  (benchmarks/compare_maskdit.py checks outputs, loss and gradients against it).
-* **The decoder has its own output layer at decoder width** (the official ``final_layer``), so the backbone's
-  head is not used. The parameters only the head uses (found once at build time: those the head's output
-  depends on and the embedding's does not, outside the blocks) become persistent buffers: they stay in the
-  state dict, but the optimizer, data-parallel gradient sync (which would wait for their gradients forever)
-  and parameter counts leave them out. The official DiT in MaskDiT has no encoder-width output layer either.
-  Output layout: the token grid tiles the image in square patches (what the route-aware loss assumes too).
-* Selection: ``auto`` = whole rows on scan-mixing backbones (RWKV, Mamba: the kept tokens still form a grid),
-  uniform random per sample otherwise, as TREAD. The official draw keeps ``int(n * (1 - ratio))`` tokens in
-  shuffled order; here ``n - floor(n * ratio)`` (routing's count: the same for 0.5 and every grid here; one
-  more token at e.g. 0.3 of 256) in ascending raster order (scans need it; attention does not care).
-  LightningDiT's blocks get the kept tokens' true positions (RoPE).
-* Mask token: a learned (1, 1, decoder_width) parameter, N(0, 0.02), when ``mae_weight > 0``; zeros otherwise,
-  as the official code. When nothing is masked in training it is kept in the graph at zero cost (0 x its sum),
-  as the official loss does, so data-parallel training does not wait for its gradient.
-
-Suite entry: ``{kind: maskdit, mask_ratio: 0.5, decoder_depth: 8, decoder_width: 512, decoder_heads: 16,
-mae_weight: 0.1}`` (the official XL/2 decoder; suites/suite/common/methods.yaml). Parameters for DiT-XL/2
-with that decoder: see README (paper Table S7: 730M).
+The backbone's blocks see only the kept tokens (``mask_ratio`` of them dropped); a decoder of DiT blocks then runs
+on the full sequence, with a learned mask token at the dropped positions, and replaces the backbone's head. Loss:
+the objective's loss on the kept tokens + ``mae_weight`` x the official MAE term on the dropped ones.
+Details: docs/internals.md#tread_benchmethodsmaskditpy
 """
 from __future__ import annotations
 

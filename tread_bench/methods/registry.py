@@ -157,6 +157,9 @@ class SeededMethod(Method):
 
 _REGISTRY: Registry[Callable[..., Method]] = Registry("method kind", "kinds")
 
+#: the kind of a suite's method entry that names none (``baseline: {routes: []}`` is TREAD without routes)
+DEFAULT_KIND = "tread"
+
 
 def register_method(kind: str):
     """Register a :class:`Method` factory under ``kind``. It is called as ``factory(backbone, **args)``:
@@ -219,7 +222,7 @@ def build_method(kind: str, backbone: BlockStack, **kwargs) -> Method:
     return method
 
 
-def build_network(backbone: str, size: Optional[str], data_shape, num_classes: int, kind: str = "tread",
+def build_network(backbone: str, size: Optional[str], data_shape, num_classes: int, kind: str = DEFAULT_KIND,
                   seed: int = 0, fp32_after_route: bool = True, overrides: Optional[dict] = None,
                   **method_args) -> Method:
     """THE network of a run: backbone ``backbone`` at ``size`` for ``data_shape`` (C, H, W) images, inside

@@ -1,21 +1,10 @@
-"""Schedules: a run that changes its method's settings at given training steps (issue 11, item 2).
+"""Schedules: a run that changes its method's settings at given training steps.
 
-A suite's method entry may carry ``schedule``, a list of stages ``{step: s, <setting>: <value>, ...}``::
-
-    maskdit: {kind: maskdit, mask_ratio: 0.5, schedule: [{step: 384000, mask_ratio: 0.0}]}   # unmasked fine-tune
-    sprint:  {kind: sprint, drop_ratio: 0.75, schedule: [{step: 360000, drop_ratio: 0.0}]}   # dense fine-tune
-    tread:   {routes: ["2->-4@0.5"], schedule: [{step: 1000, routes: ["2->-4@0.25"]}, {step: 1500, routes: []}]}
-
-``{step: s, ...}``: the first ``s`` training steps use the settings before the stage, every step after them the
-stage's. Stages are cumulative (a later stage changes what the earlier ones left) and their steps strictly
-increase, each in [1, steps - 1]. Which settings a kind may change is its class's ``Method.schedulable``
-(``tread``: routes; ``maskdit``: mask_ratio; ``drop``: rate; ``sprint``: drop_ratio, path_drop_prob): settings
-that change no parameter, so the network after the change is the one the factory builds with the new settings.
-
-The trainer (tread_bench/training/trainer.py) calls ``net.apply_settings(**stage.settings)`` when a stage begins and, after a
-resume, for every stage the checkpoint's step has passed, so a resumed run continues exactly as the uninterrupted
-one. Training FLOPs follow the stages: the cumulative cost is the sum over stages of the steps trained in that
-stage x the stage's cost per step (:func:`cumulative_cost`).
+A method entry's ``schedule`` is a list of stages ``{step: s, <setting>: <value>, ...}``: the first ``s`` steps use
+the settings before the stage, every later step the stage's. Stages are cumulative, their steps strictly increase
+in [1, steps - 1], and only a kind's ``Method.schedulable`` settings (which change no parameter) may change.
+Training FLOPs are summed over stages (:func:`cumulative_cost`).
+Details: docs/internals.md#tread_benchmethodsschedulepy
 """
 from __future__ import annotations
 

@@ -1,51 +1,10 @@
 """SPRINT (ICLR 2026; github snap-research/Sprint, ``src/models/sit.py``) as a method plug-in.
 
-Sparse-dense residual fusion on any backbone's blocks::
-
-    tokens = embed(x)
-    tokens = blocks[:dense_head](tokens)                  # dense shallow path: every token
-    shallow = tokens
-    kept = gather(tokens, ids)                            # drop_ratio of the tokens dropped (grouped, below)
-    kept = blocks[dense_head:depth - dense_tail](kept)    # sparse deep path, at the kept tokens' true positions
-    sparse = scatter(mask_token everywhere, ids, kept)    # padded back to the full sequence with the mask token
-    sparse = mask_token everywhere, for a path_drop_prob fraction of the samples (training only)
-    tokens = fusion(cat([sparse, shallow], channels))     # Linear(2D -> D)
-    tokens = blocks[depth - dense_tail:](tokens)          # dense tail: every token
-    out = head(tokens)
-
-Suite entry: ``{kind: sprint, drop_ratio: 0.75, dense_head: 2, dense_tail: 2, grouping: auto}``. Tokens are
-dropped in training mode only; evaluation runs the middle blocks on every token (SPRINT's dense inference),
-unless forced: ``force_rate=r`` drops r of them, and ``force_rate=1.0`` drops the whole sparse path (the
-middle blocks are skipped and only mask tokens are fused), which is the weak branch of path-drop guidance
-(``uncond_rate: 1.0`` beside ``cfg_scale`` in a sampling entry; diffusion/sampler.py).
-
-What the official code does, and what is kept here:
-
-* Grouping ``structured`` (the official ``structured_with_random_offset``): the token grid is cut into g x g
-  groups, and every group keeps exactly k of its g^2 tokens, a uniform random k-subset per group and sample
-  (top-k of uniform noise of shape (B, rows/g, cols/g, g^2), the official draw), so 1 - drop_ratio = k / g^2.
-  The official table (0.75: g=2, k=1; 0.5: g=2, k=2; 0.625 and 0.875: g=4, k=6 and 2) is "the smallest g >= 2
-  that divides the grid and makes k whole", which is how g is chosen here for any ratio (or set group_size).
-  Kept ids are sorted into raster order (the protocol's convention); attention does not depend on the order.
-* Scan-mixing backbones (RWKV, Mamba: ``backbone.scan_mixing``) need kept tokens that form a grid, and
-  per-group offsets do not. ``auto`` picks ``subgrid`` for them: one random offset per sample, the same in
-  every g x g group, so the kept tokens are the strided (rows/g, cols/g) sub-grid at that offset. Every group
-  still contributes exactly one token, as in the official scheme, so the sparse path sees the whole image at
-  1/g resolution and a scan over the kept grid steps between tokens that are g apart in the image; TREAD's
-  row-wise selection would instead keep whole bands and leave gaps of several rows. ``subgrid`` keeps one
-  token per group, so it needs drop_ratio = 1 - 1/g^2 (0.75, 0.889, 0.9375); for other ratios ``auto`` falls
-  back to ``rows`` (TREAD's whole-row selection). ``random`` is the official ``random`` mask type.
-* The mask token is ``nn.Parameter(..., requires_grad=False)`` initialised N(0, 0.02) in the official code: it
-  is frozen (``learn_mask_token: false``, the default here); ``learn_mask_token: true`` trains it.
-* Path drop in training (the official ``cfg_mask_prob``, 0.1 in every official config): a random fraction of
-  the samples gets mask tokens for the whole sparse output, so the model learns the dropped-path prediction
-  that path-drop guidance uses as its weak branch. It applies in training mode, also when drop_ratio is 0
-  (the official dense fine-tune keeps it).
-* The fusion layer is the official ``renoise_linear`` (``residual_type: concat_linear``): input
-  ``cat([sparse, shallow])`` in that order, xavier-uniform weights and zero bias.
-
-Random draws (token groups, then path drop) come from the method's own CPU generator, made for the global
-batch and sliced per process (``set_shard``), so they do not depend on the process count or device.
+Sparse-dense residual fusion on any backbone's blocks: the first ``dense_head`` and last ``dense_tail`` blocks see
+every token, the middle ones only the kept tokens (``drop_ratio`` dropped, in groups); their output, padded with the
+mask token, is fused with the shallow tokens by a Linear on ``cat([sparse, shallow])``. Tokens are dropped in
+training only; ``force_rate=1.0`` drops the whole sparse path (the weak branch of path-drop guidance).
+Details: docs/internals.md#tread_benchmethodssprintpy
 """
 from __future__ import annotations
 

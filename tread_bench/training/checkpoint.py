@@ -1,21 +1,9 @@
-"""Training checkpoints that are safe to share: a folder ``<run>/checkpoint/`` holding
-
-    model.safetensors   the trained weights (safetensors: loading them never runs code)
-    ema.safetensors     the EMA weights
-    state.pt            the rest of the training state, plain types only: optimizer state, step counters,
-                        RNG states (ByteTensors), stats/evals (JSON-clean lists), the config snapshot;
-                        read with ``torch.load(weights_only=True)``, which refuses anything but tensors and
-                        plain containers, so a checkpoint from a shared filesystem cannot run code
-    manifest.json       written last: format, step, and the byte size of each file above
-
-Atomic as a whole: a checkpoint is written into ``checkpoint.new/``, then the current folder is renamed
-to ``checkpoint.old/``, ``checkpoint.new/`` to ``checkpoint/``, and ``checkpoint.old/`` is deleted. A kill at
-any moment leaves one complete folder with a manifest (``checkpoint/``, else ``checkpoint.new/``, else
-``checkpoint.old/``), never a mix of two steps. A ``checkpoint.pt`` of versions before these folders is refused
-with one line that says to rerun.
-
-A checkpoint that cannot be read raises :class:`tread_bench.core.errors.CheckpointError` with one line naming the file
-and the fix.
+"""Training checkpoints that are safe to share: a folder ``<run>/checkpoint/`` holding ``model.safetensors``,
+``ema.safetensors``, ``state.pt`` (plain types only, read with ``torch.load(weights_only=True)``) and
+``manifest.json`` (written last). Atomic: written into ``checkpoint.new/``, then the current folder is renamed to
+``checkpoint.old/``, ``checkpoint.new/`` to ``checkpoint/``, and ``checkpoint.old/`` is deleted. A checkpoint that
+cannot be read raises :class:`tread_bench.core.errors.CheckpointError` with one line naming the file and the fix.
+Details: docs/internals.md#tread_benchtrainingcheckpointpy
 """
 from __future__ import annotations
 
@@ -133,7 +121,7 @@ def save_checkpoint(folder, model: torch.nn.Module, ema: torch.nn.Module, state:
     os.rename(new, folder)
     _fsync_dir(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
-    (folder.parent / OLD_FORMAT_FILE).unlink(missing_ok=True)  # superseded
+    (folder.parent / OLD_FORMAT_FILE).unlink(missing_ok=True)  # the folder just saved replaces it
 
 
 def _unpickler_reason(err: BaseException) -> str | None:

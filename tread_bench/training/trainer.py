@@ -1,23 +1,10 @@
 """Training loop: an objective's loss (diffusion/) on a token-reduction method's network (tread_bench/methods/), AdamW,
 EMA, accelerate, checkpoints, NaN guard. The loop calls only the objective and method interfaces.
 
-Reproducibility across process counts: every random draw of a step (image indices, labels dropped,
-noise levels, noise, token selection) is made for the GLOBAL batch from CPU generators and each
-process takes its slice. One process and N processes therefore see the same batch and the same
-routing; only float reduction order differs.
-
-Schedules (tread_bench/methods/schedule.py): a run may change its method's settings at given steps (``schedule``, e.g.
-MaskDiT's unmasked fine-tune). The trainer calls ``net.apply_settings`` through the Method interface when a
-stage begins and, after a resume, for every stage the checkpoint's step has passed: the settings are a function
-of the step, so a resumed run trains exactly as the uninterrupted one. Only the trained network changes; the EMA
-copy is evaluated unreduced, where these settings are not read.
-
-Out-of-core data (latents, tread_bench/data/latents.py): the images of a step are read by DataLoader workers
-(``loader_workers``; pinned memory on CUDA) while the model trains on the previous steps. The draws are
-still made in the training process, in step order, from the same generator: the DataLoader's batch sampler
-makes each step's draws when the loader asks for that step's indices (a few steps ahead) and queues them;
-a step takes its images and its queued draws together. A checkpoint stores the generator state from before
-the oldest draws not yet trained on, so a resumed run draws exactly what the uninterrupted one did.
+Every random draw of a step is made for the GLOBAL batch from CPU generators and each process takes its slice, so
+results do not depend on the process count. A resumed run trains exactly as the uninterrupted one: schedule stages
+are re-applied (settings are a function of the step) and draws not yet trained on are made again.
+Details: docs/internals.md#tread_benchtrainingtrainerpy
 """
 from __future__ import annotations
 
