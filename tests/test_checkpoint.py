@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tread_bench.core.errors import CheckpointError
 from tread_bench.data import load_dataset
-from tread_bench.training.checkpoint import _load_state, find_checkpoint
+from tread_bench.training.checkpoint import _load_state, file_sha256, find_checkpoint
 from tread_bench.training.trainer import Trainer, TrainConfig
 from suite_helpers import build_denoiser
 
@@ -125,11 +125,14 @@ def test_unreadable_checkpoints_give_one_line_naming_the_file_and_the_fix(tmp_pa
         assert "\n" not in message and "force=true" in message and str(folder) in message
         return message
 
+    def vouch_for(name):  # what someone who can write the manifest too could do: weights_only still refuses
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
     # a state.pt that would run code: refused by weights_only, nothing runs
     torch.save({"step": 1, "x": Payload(marker)}, state_file)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["state.pt"] = state_file.stat().st_size
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    vouch_for("state.pt")
     assert "weights_only" in refused("state.pt .*refused by torch.load")
     assert not marker.exists()
     torch.load(state_file, weights_only=False)  # what the loader did before: the file's code runs
@@ -137,21 +140,53 @@ def test_unreadable_checkpoints_give_one_line_naming_the_file_and_the_fix(tmp_pa
     # truncated (size differs from the manifest)
     state_file.write_bytes(good[:100])
     refused("state.pt .*truncated")
-    # corrupt bytes of the right size
+    # corrupt bytes of the right size, vouched for by the manifest: the reader still refuses them
     state_file.write_bytes(b"\x00" * len(good))
-    manifest["files"]["state.pt"] = len(good)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    vouch_for("state.pt")
     refused("state.pt .*corrupt")
     state_file.write_bytes(good)
-    # damaged safetensors header
+    vouch_for("state.pt")
+    # damaged safetensors header, vouched for
     model_file = folder / "model.safetensors"
     data = bytearray(model_file.read_bytes())
     data[8:40] = b"#" * 32
     model_file.write_bytes(bytes(data))
+    vouch_for("model.safetensors")
     refused("model.safetensors")
     # no manifest: an unfinished folder
     (folder / "manifest.json").unlink()
     refused("manifest.json .*missing")
+
+
+@pytest.mark.parametrize("name, offset, size", [("model.safetensors", 4096, 4096), ("ema.safetensors", 4096, 4096),
+                                                ("state.pt", 1024, 2048)])
+def test_same_size_damage_to_any_checkpoint_file_is_refused_by_its_hash(tmp_path, name, offset, size):
+    """Bytes flipped or overwritten inside a file, its size unchanged, the manifest untouched: one line naming the
+    file, before anything is loaded."""
+    trainer(tmp_path, 2).train()
+    file = tmp_path / "checkpoint" / name
+    data = bytearray(file.read_bytes())
+    assert len(data) > offset + size
+    data[offset:offset + size] = bytes(b ^ 0xFF for b in data[offset:offset + size])
+    file.write_bytes(bytes(data))
+    resumed = trainer(tmp_path, 4)
+    with pytest.raises(CheckpointError) as err:
+        resumed.try_resume()
+    assert str(err.value) == (f"cannot read checkpoint file {file} (damaged: its SHA-256 is not the one the manifest "
+                              f"recorded when it was written); delete {tmp_path / 'checkpoint'} (the run then trains "
+                              f"from its start) or rerun the suite with force=true")
+    assert resumed.step == 0
+
+
+def test_a_checkpoint_of_the_previous_format_is_refused_in_one_line(tmp_path):
+    trainer(tmp_path, 2).train()
+    manifest_file = tmp_path / "checkpoint" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "format": "tread-bench-checkpoint/1",
+                                         "files": {k: v["bytes"] for k, v in manifest["files"].items()}}))
+    with pytest.raises(CheckpointError, match=r"manifest.json \(unknown format: expected tread-bench-checkpoint/2\); "
+                                              r".*force=true"):
+        trainer(tmp_path, 4).try_resume()
 
 
 def test_an_old_format_checkpoint_pt_is_refused_in_one_line_that_says_to_rerun(tmp_path):

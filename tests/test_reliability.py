@@ -59,7 +59,7 @@ def test_unreadable_checkpoint_fails_its_run_in_one_line_and_the_next_run_trains
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert res.returncode == 1 and "1 of 2 runs failed: dit-tiny-baseline-seed0" in res.stderr
     (line,) = [x for x in res.stderr.splitlines() if "FAILED" in x]
-    assert f"cannot read checkpoint file {broken} (corrupt or truncated" in line and "force=true" in line
+    assert f"cannot read checkpoint file {broken} (damaged: its SHA-256" in line and "force=true" in line
     assert "Traceback" not in res.stderr
     table = pd.read_csv(tmp_path / "results" / "smoke.csv").set_index("method")
     assert table.status.to_dict() == {"baseline": "failed", "tread": "ok"}
@@ -186,3 +186,88 @@ def test_a_table_written_with_no_rows_takes_rows_later(tmp_path):
     table = upsert_csv(path, [{"run_id": "a", "x": 1}], ["run_id"])
     assert table.to_dict("records") == [{"run_id": "a", "x": 1}]
     assert pd.read_csv(path).to_dict("records") == [{"run_id": "a", "x": 1}]
+
+
+def test_keys_are_compared_by_value_so_a_rerun_replaces_its_rows(tmp_path):
+    """A seed column pandas wrote as floats (0.0): the rerun's integer seed 0 still replaces its row."""
+    from tread_bench.measure.results import upsert_csv
+
+    path = tmp_path / "runs.csv"
+    path.write_text("suite,run_id,seed,loss\nsmoke,a,0.0,1.0\nsmoke,a,1.0,2.0\nsmoke,b,0.5,3.0\n")
+    table = upsert_csv(path, [{"suite": "smoke", "run_id": "a", "seed": 0, "loss": 9.0}], ["suite", "run_id", "seed"])
+    assert sorted(zip(table.run_id, table.seed, table.loss)) == [("a", 0, 9.0), ("a", 1, 2.0), ("b", 0.5, 3.0)]
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda text: text[:text.rindex("\n", 0, len(text) - 1)] + "\nsmoke,tiny,dit-tiny-tread",
+     "line 3 has no seed: a row cut short"),
+    (lambda text: bytes(range(128, 256)).decode("latin-1") * 4, "not UTF-8 text at byte 0"),
+    (lambda text: text + 'smoke,tiny,"dit-tiny-tread,0,1.5\n', "Error tokenizing data"),
+])
+def test_a_damaged_results_table_is_refused_in_one_line_before_training_and_left_as_it_was(tmp_path, damage, why):
+    from suite_helpers import run
+
+    base = ["suite=smoke", "scale=tiny", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+            "suite.train.steps=2", "suite.data.limit=64"]
+    assert run(base) == 0
+    table = tmp_path / "results" / "smoke.csv"
+    damaged = damage(table.read_text())
+    table.write_bytes(damaged.encode("latin-1") if not damaged.isascii() else damaged.encode())
+    before = table.read_bytes()
+    shutil.rmtree(tmp_path / "runs")
+    with pytest.raises(ConfigError) as err:
+        run(base)
+    message = str(err.value)
+    assert message.startswith(f"results table {table} cannot be read (") and why in message and "\n" not in message
+    assert message.endswith("move it aside or delete it (a rerun writes it again: finished runs are not trained again)")
+    assert table.read_bytes() == before and not (tmp_path / "runs").exists()  # nothing trained, nothing rewritten
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from tread_bench.engine.resume import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_folder_held_by_a_process_is_refused_to_others_until_it_dies_even_by_kill_9(tmp_path):
+    from tread_bench.engine.resume import RunBusy, run_lock
+
+    holder = subprocess.Popen([PY, "-c", HOLD, str(tmp_path)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=rf"held by another process \(pid {holder.pid}\), which is training it"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    with run_lock(tmp_path):  # the OS dropped the dead process's lock
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_two_invocations_on_one_runs_dir_train_each_run_once(tmp_path):
+    """Started together on the same folders: each run is trained by one of them (its stats.jsonl has each step
+    once), and the table is the one a single invocation writes."""
+    args = ["suite=smoke", "scale=tiny", "suite.train.steps=30", "suite.train.log_every=1", "suite.data.limit=64",
+            "tracker=none"]
+    single = subprocess.run([PY, "run_suite.py", *args, f"results_dir={tmp_path}/one/results",
+                             f"runs_dir={tmp_path}/one/runs"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    both = [subprocess.Popen([PY, "run_suite.py", *args, f"results_dir={tmp_path}/two/results",
+                              f"runs_dir={tmp_path}/two/runs"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in both]
+    assert all(p.returncode == 0 for p in both), [err[-2000:] for _, err in outputs]
+    for run_id in ("dit-tiny-baseline-seed0", "dit-tiny-tread-seed0"):
+        stats = [json.loads(line) for line in (tmp_path / "two" / "runs" / "smoke" / "tiny" / run_id / "stats.jsonl")
+                 .read_text().splitlines()]
+        assert [s["step"] for s in stats] == list(range(1, 31))
+        assert losses(tmp_path / "two", run_id) == losses(tmp_path / "one", run_id)
+    a = pd.read_csv(tmp_path / "one" / "results" / "smoke.csv").set_index("run_id")
+    b = pd.read_csv(tmp_path / "two" / "results" / "smoke.csv").set_index("run_id")
+    assert sorted(b.index) == sorted(a.index) and b.status.eq("ok").all()
+    assert np.array_equal(a.loc[b.index, "final_loss"].values, b.final_loss.values)

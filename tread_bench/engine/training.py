@@ -18,6 +18,7 @@ from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
 from tread_bench.measure.memory import rss_mib
 
+from .resume import RunBusy, run_lock
 from .spec import RunSpec, build_run_network, run_stages
 from .tracking import open_tracker
 
@@ -140,9 +141,41 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
     return summary, trainer
 
 
+def finished_rows(run_dir: Path, digest: str) -> list[dict] | None:
+    """The rows of the run's ``result.json`` when it finished under configuration ``digest``, else None."""
+    done_file = Path(run_dir) / "result.json"
+    if not done_file.exists():
+        return None
+    done = json.loads(done_file.read_text())
+    if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
+        return done
+    return None
+
+
 def train_and_record(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str, snapshot: dict,
                       base: dict, tracker: str = "none", memory: dict | None = None) -> tuple[list[dict], bool]:
-    """Train one run and turn it into table rows; a failure becomes one 'failed' row (never an exception)."""
+    """Train one run, holding its folder (tread_bench.engine.resume.run_lock), and write its rows to its
+    ``result.json``; a failure becomes one 'failed' row (never an exception). A run another process holds is
+    left to it: no rows. One finished by another process meanwhile: its rows, not trained again."""
+    from accelerate import PartialState
+
+    main_process = PartialState().is_main_process
+    try:
+        with run_lock(run_dir, enabled=main_process):
+            rows = finished_rows(run_dir, base.get("config_hash")) if main_process else None
+            if rows is not None:
+                print(f"[{run.dir_name}] finished by another process meanwhile, not trained again")
+                return rows, True
+            rows, ok = _train_rows(run, suite, data, run_dir, device, snapshot, base, tracker, memory)
+            if main_process:
+                atomic_write_text(Path(run_dir) / "result.json", json.dumps(rows, indent=1, default=str))
+            return rows, ok
+    except RunBusy as busy:
+        print(f"[{run.dir_name}] skipped: the run folder is {busy}; its rows land when it finishes")
+        return [], True
+
+
+def _train_rows(run, suite, data, run_dir, device, snapshot, base, tracker, memory) -> tuple[list[dict], bool]:
     try:
         summary, trainer = train_one(run, suite, data, run_dir, device, snapshot, tracker, memory)
         base = {**base, "params": summary["params"], "steps": summary["steps"], "final_loss": summary["final_loss"],
@@ -173,13 +206,13 @@ def _worker(job: dict) -> tuple[list[dict], bool]:
     base_rss, started = rss_mib(), time.perf_counter()  # before the network is built: interpreter, torch, data
     rows, ok = train_and_record(job["run"], suite, data, Path(job["run_dir"]), job["device"], job["snapshot"],
                                  job["base"], job["tracker"], memory)
-    if memory is not None:  # this process ran this one run: its peak is the run's
+    if memory is not None and rows:  # this process ran this one run: its peak is the run's
         from .dryrun import peak_memory
 
         measured = {"base_rss_mib": base_rss, **memory, **peak_memory(job["device"]),
                     "run_wall_s": time.perf_counter() - started}
         rows = [{**row, **measured} for row in rows]
-    atomic_write_text(Path(job["run_dir"]) / "result.json", json.dumps(rows, indent=1, default=str))
+        atomic_write_text(Path(job["run_dir"]) / "result.json", json.dumps(rows, indent=1, default=str))
     return rows, ok
 
 
@@ -214,8 +247,6 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
         for run, run_dir, snapshot, base in pending:
             print(f"[{run.dir_name}] {run.method}: {run.setting}, selection {run.selection}")
             run_rows, ok = train_and_record(run, suite, data, run_dir, device, snapshot, base, tracker)
-            if main_process:
-                atomic_write_text(run_dir / "result.json", json.dumps(run_rows, indent=1, default=str))
             rows.extend(run_rows)
             failures += [] if ok else [run.dir_name]
     elif dryrun:  # one run at a time (suite.jobs is not read): the machine's memory is for one full-size run
@@ -230,6 +261,8 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
             except RuntimeError as err:  # the process died (e.g. out of memory): this run fails, the next one runs
                 run_rows, ok = [{**base, "status": "failed", "error": str(err)}], False
                 print(f"[{run.dir_name}] FAILED: {err}", file=sys.stderr)
+            if not run_rows:  # held by another process
+                continue
             if ok:
                 drop_checkpoint(run_dir)
             last = run_rows[-1]
@@ -252,7 +285,8 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
                 except Exception as err:  # a worker that died (killed, out of memory) fails its run only
                     reason = f"worker died: {type(err).__name__}: {err}".splitlines()[0]
                     run_rows, ok = [{**base, "status": "failed", "error": reason}], False
-                print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}")
+                if run_rows:
+                    print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}")
                 rows.extend(run_rows)
                 failures += [] if ok else [run.dir_name]
     return rows, failures

@@ -30,7 +30,7 @@ from tread_bench.measure.results import environment
 from diffusion import build_objective
 
 from tread_bench.engine.kinds import register_suite_kind
-from tread_bench.engine.resume import prepare_run_dir
+from tread_bench.engine.resume import RunBusy, prepare_run_dir, run_lock
 from tread_bench.engine.schema import check_section, check_uncond_rate
 from tread_bench.engine.spec import build_run_network, config_hash, load_suite_data, pick_device, prepare_runs, suite_seeds
 from tread_bench.engine.tables import write_table
@@ -122,9 +122,15 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
         folder = run.dir_name if len(suite_seeds(suite)) > 1 else run.run_id
         run_dir = Path(cfg.runs_dir) / suite.name / cfg.scale.name / folder
         # resume only a checkpoint of this configuration (as the train kind does)
-        prepare_run_dir(run_dir, config_hash(snapshot), cfg.force,
-                        (*CHECKPOINT_PATHS, "stats.jsonl", "guidance.json"))
-        summary, trainer = train_one(run, train_suite, data, run_dir, device, snapshot, cfg.get("tracker", "none"))
+        try:
+            with run_lock(run_dir):  # one process trains a run folder at a time
+                prepare_run_dir(run_dir, config_hash(snapshot), cfg.force,
+                                (*CHECKPOINT_PATHS, "stats.jsonl", "guidance.json"))
+                summary, trainer = train_one(run, train_suite, data, run_dir, device, snapshot,
+                                             cfg.get("tracker", "none"))
+        except RunBusy as busy:
+            print(f"[{run.dir_name}] skipped: the run folder is {busy}")
+            continue
         den = trainer.ema_denoiser
         objective = build_objective(**run.objective)
         steps = int(base_eval["sampler_steps"])

@@ -2,7 +2,6 @@
 (``reuse_from``), and the suite's tables written: the runs table, the seeded speedup table, curves and samples."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -14,12 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
 from tread_bench.engine.kinds import register_suite_kind
-from tread_bench.engine.resume import prepare_run_dir
+from tread_bench.engine.resume import RunBusy, prepare_run_dir, run_lock
 from tread_bench.engine.reuse import reuse_finished_run
 from tread_bench.engine.schema import SUITES_DIR, group_options, suggest
 from tread_bench.engine.spec import config_hash, load_suite_data, pick_device, prepare_runs
-from tread_bench.engine.training import fid_reference, train_pending
-from tread_bench.measure.results import environment, tables_lock, upsert_csv
+from tread_bench.engine.training import fid_reference, finished_rows, train_pending
+from tread_bench.measure.results import environment, read_table, tables_lock, upsert_csv
 
 # A run's rows (one per evaluation) are replaced together: a rerun never leaves rows of an earlier attempt.
 RUN_KEY = ["suite", "scale", "run_id", "seed"]
@@ -53,6 +52,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
     fid_ref = fid_reference(suite, eval_cfg) if eval_cfg.samples > 0 else None  # checked before training
     results_dir, runs_root = Path(cfg.results_dir), Path(cfg.runs_dir) / suite.name / cfg.scale.name
+    read_table(results_dir / (suite.get("results_file") or f"{suite.name}_runs.csv"), RUN_KEY)  # readable, before training
     resolved = OmegaConf.to_container(suite, resolve=True)
     if main_process:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -62,14 +62,12 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         run_dir = runs_root / run.dir_name
         snapshot = {"suite": resolved, "run": asdict(run)}
         digest = config_hash(snapshot)
-        done_file = run_dir / "result.json"
-        if not cfg.force and done_file.exists():
-            done = json.loads(done_file.read_text())
-            if done and done[0].get("config_hash") == digest and done[0].get("status") == "ok":
-                print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
-                rows.extend({**row, "setting": run.setting} for row in done)  # resolved route notation
-                finished += 1
-                continue
+        done = None if cfg.force else finished_rows(run_dir, digest)
+        if done is not None:
+            print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
+            rows.extend({**row, "setting": run.setting} for row in done)  # as this code describes the method
+            finished += 1
+            continue
         # (one process only: under `accelerate launch` every rank would have to agree on the copy)
         if not cfg.force and not cfg.get("report") and suite.get("reuse_from") and state.num_processes == 1:
             reused = reuse_finished_run(snapshot, digest, run_dir, Path(cfg.runs_dir), list(suite.reuse_from),
@@ -82,7 +80,12 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
             print(f"[{run.dir_name}] not finished, left out of the report")
             continue
-        prepare_run_dir(run_dir, digest, cfg.force, write=main_process)  # never resume another configuration
+        try:  # never resume another configuration, never clear a folder another process is training
+            with run_lock(run_dir, enabled=main_process):
+                prepare_run_dir(run_dir, digest, cfg.force, write=main_process)
+        except RunBusy as busy:
+            print(f"[{run.dir_name}] skipped: the run folder is {busy}; its rows land when it finishes")
+            continue
         base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
                 "size": run.size, "method": run.method, "setting": run.setting, "selection": run.selection,
                 "seed": run.seed, **environment(device), "config_hash": digest}

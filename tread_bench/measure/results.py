@@ -8,9 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
+from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write, atomic_write_text
 
 
@@ -46,13 +48,38 @@ def tables_lock(folder: str | Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def read_table(path: str | Path) -> pd.DataFrame | None:
+def _unreadable(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"results table {path} cannot be read ({why}); move it aside or delete it (a rerun writes it "
+                       "again: finished runs are not trained again)")
+
+
+def read_table(path: str | Path, key: Sequence[str] = ()) -> pd.DataFrame | None:
     """The CSV at ``path``, or None when there is none or it holds no columns (a table written with no rows, e.g.
-    a speedup table of an ``only=`` sitting that trained no baseline, is one empty line)."""
+    a speedup table of an ``only=`` sitting that trained no baseline, is one empty line). A file that is not a
+    table, or a row without a value in a ``key`` column (a write cut short), is refused in one line."""
+    path = Path(path)
     try:
-        return pd.read_csv(path)
+        table = pd.read_csv(path)
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return None
+    except UnicodeDecodeError as err:
+        raise _unreadable(path, f"not UTF-8 text at byte {err.start}") from None
+    except (pd.errors.ParserError, ValueError) as err:
+        raise _unreadable(path, " ".join(str(err).split())) from None
+    for column in key:
+        if column in table.columns and table[column].isna().any():
+            line = int(table.index[table[column].isna()][0]) + 2  # 1-based, after the header line
+            raise _unreadable(path, f"line {line} has no {column}: a row cut short")
+    return table
+
+
+def _key_value(value):
+    """A key cell as a comparable value: numbers by value (a seed read back as 0.0 is the seed 0), text as text."""
+    if isinstance(value, (bool, np.bool_)):
+        return ("number", float(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return ("number", float(value)) if value == value else ("missing", "")
+    return ("text", str(value))
 
 
 def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str]) -> pd.DataFrame:
@@ -62,12 +89,12 @@ def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str]) -> pd
     """
     path = Path(path)
     new = pd.DataFrame(list(rows))
-    old = read_table(path)
+    old = read_table(path, key)
     if old is not None:
         if all(k in old.columns for k in key) and len(new):
-            new_keys = set(map(tuple, new[list(key)].astype(str).values))
-            stale = old[list(key)].astype(str).apply(tuple, axis=1).isin(new_keys)
-            old = old[~stale]
+            new_keys = {tuple(_key_value(v) for v in row) for row in new[list(key)].itertuples(index=False)}
+            stale = [tuple(_key_value(v) for v in row) in new_keys for row in old[list(key)].itertuples(index=False)]
+            old = old[~np.asarray(stale, dtype=bool)]
         table = pd.concat([old, new], ignore_index=True) if len(old) else new
     else:
         table = new

@@ -7,6 +7,7 @@ Details: docs/internals.md#tread_benchtrainingcheckpointpy
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from tread_bench.core.io import atomic_write_text
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint",
            "CHECKPOINT_DIR", "CHECKPOINT_PATHS", "CheckpointError"]
 
-FORMAT = "tread-bench-checkpoint/1"
+FORMAT = "tread-bench-checkpoint/2"  # /2: the manifest holds each file's SHA-256, checked on load
 CHECKPOINT_DIR = "checkpoint"
 OLD_FORMAT_FILE = "checkpoint.pt"  # found so that it is refused in one line, and deleted on force
 MODEL, EMA, STATE, MANIFEST = "model.safetensors", "ema.safetensors", "state.pt", "manifest.json"
@@ -80,6 +81,12 @@ def plain_json(obj):
     return json.loads(json.dumps(obj, default=default))
 
 
+def file_sha256(file: Path) -> str:
+    """The file's SHA-256, hex (read in 1 MiB chunks)."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -112,7 +119,8 @@ def save_checkpoint(folder, model: torch.nn.Module, ema: torch.nn.Module, state:
         with open(new / name, "rb+") as f:
             os.fsync(f.fileno())
     manifest = {"format": FORMAT, "step": state.get("step"),
-                "files": {name: (new / name).stat().st_size for name in (MODEL, EMA, STATE)}}
+                "files": {name: {"bytes": (new / name).stat().st_size, "sha256": file_sha256(new / name)}
+                          for name in (MODEL, EMA, STATE)}}
     atomic_write_text(new / MANIFEST, json.dumps(manifest, indent=1))
     _fsync_dir(new)
     if folder.exists():
@@ -166,12 +174,20 @@ def load_checkpoint(path, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
         raise _error(manifest_file, "unreadable", err, path) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _error(manifest_file, "unknown format", f"expected {FORMAT}", path)
-    for name, size in (manifest.get("files") or {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {MODEL, EMA, STATE} or not all(
+            isinstance(v, dict) and {"bytes", "sha256"} <= set(v) for v in files.values()):
+        raise _error(manifest_file, "unreadable", f"its files must be {MODEL}, {EMA} and {STATE}, each with bytes "
+                     "and sha256", path)
+    for name, expected in files.items():
         file = path / name
         if not file.exists():
             raise _error(file, "missing", "listed in the manifest", path)
-        if file.stat().st_size != size:
-            raise _error(file, "truncated or replaced", f"{file.stat().st_size} bytes, the manifest says {size}",
+        if file.stat().st_size != expected["bytes"]:
+            raise _error(file, "truncated or replaced", f"{file.stat().st_size} bytes, the manifest says "
+                         f"{expected['bytes']}", path)
+        if file_sha256(file) != expected["sha256"]:
+            raise _error(file, "damaged", "its SHA-256 is not the one the manifest recorded when it was written",
                          path)
     state = _load_state(path / STATE, path)
     if state["step"] != manifest.get("step"):
