@@ -189,3 +189,36 @@ def test_mamba_A_log_and_D_are_not_decayed(tmp_path):
                     tmp_path)
     assert len(plain.opt.param_groups) == 1  # no weight decay: one group, as checkpoints written before have
 
+
+
+def test_output_folders_that_cannot_be_folders_are_refused_before_anything_is_written(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    base = ["suite=smoke", "scale=tiny", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]
+    cases = [(f"results_dir={a_file}", f"results_dir={a_file} is a file, not a folder; give results_dir a folder path"),
+             (f"runs_dir={a_file}/runs", f"runs_dir={a_file}/runs is under {a_file}, which is a file, not a folder; "
+                                         "give runs_dir a folder path")]
+    for override, message in cases:
+        with pytest.raises(ConfigError) as err:
+            run(base + [override])
+        assert str(err.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("suite.data.limit=8", "suite.data.limit = 8 images is below suite.train.global_batch = 16: every step would draw "
+                           "images twice; raise suite.data.limit to at least 16 or lower the batch"),
+    ("suite.backbones=[{name:dit,size:huge}]", "unknown size 'huge' for backbone 'dit' in suite smoke; its sizes: "),
+])
+def test_a_limit_below_the_batch_and_a_size_the_scale_would_replace_are_refused(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        run(["suite=smoke", "scale=tiny", *dirs(tmp_path), override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert nothing_written(tmp_path)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^device=cuda, but torch .* sees no CUDA GPU here; use device=auto"):
+        run(["suite=smoke", "scale=tiny", *dirs(tmp_path), "device=cuda"])
+    assert nothing_written(tmp_path)

@@ -205,3 +205,43 @@ def test_resident_memory_stays_flat_as_the_latent_set_grows(tmp_path):
     print(f"peak RSS {peaks[0] / 2**20:.1f} MiB (1k) vs {peaks[1] / 2**20:.1f} MiB (10k): "
           f"+{grown / 2**20:.1f} MiB for +{data_grown / 2**20:.1f} MiB of latents")
     assert grown < 0.05 * data_grown  # measured: +0.2 MiB; memory-mapping the shards instead: about +70 MiB
+
+
+def test_damaged_latent_folders_are_one_line_naming_the_file(tmp_path):
+    """meta.json that is not JSON, labels that are pickled or not labels, labels outside num_classes, no folder."""
+    import pickle
+
+    from tread_bench.data import load_dataset
+    from tread_bench.data.latents import write_latent_shards
+
+    def fresh(name, **kw):
+        rng = np.random.default_rng(0)
+        folder = tmp_path / name
+        write_latent_shards(folder, rng.standard_normal((8, 4, 32, 32)).astype(np.float16), np.arange(8) % 4, 8,
+                            num_classes=4, **kw)
+        return folder
+
+    def refused(folder):
+        with pytest.raises(ConfigError) as err:
+            load_dataset("latents", 32, path=str(folder))
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    bad_json = fresh("json")
+    (bad_json / "meta.json").write_text('{"shape": [4, 32, 32], ')
+    assert refused(bad_json).startswith(f"{bad_json / 'meta.json'} is not JSON (")
+    pickled = fresh("pickled")
+    (pickled / "labels_00000.npy").write_bytes(pickle.dumps([0, 1, 2]))
+    assert refused(pickled).startswith(f"{pickled / 'labels_00000.npy'} is not a plain .npy array of labels (")
+    floats = fresh("floats")
+    np.save(floats / "labels_00000.npy", np.zeros(8, np.float32))
+    assert refused(floats) == (f"{floats / 'labels_00000.npy'} holds float32 (8,), not a 1-D array of integer labels; "
+                               "re-encode this shard")
+    narrow = fresh("narrow")
+    meta = json.loads((narrow / "meta.json").read_text())
+    (narrow / "meta.json").write_text(json.dumps({**meta, "num_classes": 3}))
+    assert refused(narrow) == (f"labels in {narrow} run from 0 to 3, outside the 3 classes {narrow / 'meta.json'} "
+                               "names (0 to 2); fix num_classes in meta.json or re-encode")
+    assert refused(tmp_path / "nowhere") == (
+        f"missing {tmp_path / 'nowhere' / 'meta.json'}: suite.data.kwargs.path must be a latent folder; make one with "
+        "`python -m tread_bench.data.encode_latents --images <image folder> --out <latent folder>`")

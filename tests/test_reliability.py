@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +273,89 @@ def test_two_invocations_on_one_runs_dir_train_each_run_once(tmp_path):
     b = pd.read_csv(tmp_path / "two" / "results" / "smoke.csv").set_index("run_id")
     assert sorted(b.index) == sorted(a.index) and b.status.eq("ok").all()
     assert np.array_equal(a.loc[b.index, "final_loss"].values, b.final_loss.values)
+
+
+def descendants(pid: int) -> set:
+    """The pids of every live process below ``pid`` (from /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids) -> set:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":  # a zombie has exited; only its parent's wait is missing
+            out.add(pid)
+    return out
+
+
+TWO_WORKERS = ["suite=smoke", "scale=tiny", "+suite.jobs=2", "suite.train.steps=60", "suite.train.log_every=1",
+               "suite.train.checkpoint_every=5", "suite.data.limit=64", "tracker=none"]
+
+
+def start_two_workers(tmp_path):
+    """The suite with its 2 runs in 2 worker processes, once both runs have logged 8 steps: (process, workers)."""
+    cmd = [PY, "run_suite.py", *TWO_WORKERS, f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs" / "smoke" / "tiny"
+    stats = [runs / r / "stats.jsonl" for r in ("dit-tiny-baseline-seed0", "dit-tiny-tread-seed0")]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(s.exists() and len(s.read_text().splitlines()) >= 8 for s in stats):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    workers = descendants(proc.pid)
+    assert len(workers) >= 2
+    return proc, workers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_suite_and_its_workers_and_the_resumed_suite_equals_an_uninterrupted_one(tmp_path, signum):
+    proc, workers = start_two_workers(tmp_path / "stopped")
+    sent = time.time()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    stopped_after = time.time() - sent
+    deadline = time.time() + 5
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(workers), f"workers left: {alive(workers)}"
+    assert proc.returncode == 128 + signum and stopped_after < 15, (proc.returncode, stopped_after)
+    name = signal.Signals(signum).name
+    line = err[err.index("stopped by"):].splitlines()[0]  # after the progress bars' last carriage return
+    assert line.startswith(f"stopped by {name}: finished runs and checkpoints are kept; resume with: python "
+                           f"run_suite.py suite=smoke")
+    assert "Traceback" not in err
+    resume = subprocess.run([PY, "run_suite.py", *TWO_WORKERS, f"results_dir={tmp_path}/stopped/results",
+                             f"runs_dir={tmp_path}/stopped/runs"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert resume.returncode == 0, resume.stderr[-2000:]
+    clean = subprocess.run([PY, "run_suite.py", *TWO_WORKERS, f"results_dir={tmp_path}/clean/results",
+                            f"runs_dir={tmp_path}/clean/runs"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    for run_id in ("dit-tiny-baseline-seed0", "dit-tiny-tread-seed0"):
+        assert losses(tmp_path / "stopped", run_id) == losses(tmp_path / "clean", run_id)
+
+
+def test_kill_9_of_the_suite_takes_its_workers_with_it(tmp_path):
+    proc, workers = start_two_workers(tmp_path)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(workers), f"workers left after kill -9 of their parent: {alive(workers)}"

@@ -2,7 +2,8 @@
 
 ``tread_bench.core.errors.ConfigError`` is the user-facing error (run_suite prints its message as one ``error:`` line
 and exits 2); ``tread_bench.core.io`` writes files atomically. Nothing here imports torch or another package of this
-project, so backbones, routing, data, diffusion, measure and runner can all depend on it.
+project, so every other package of the project can depend on it. ``processes`` keeps child processes from outliving
+their parent and turns SIGINT / SIGTERM into one exception.
 """
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write, atomic_write_text

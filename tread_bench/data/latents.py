@@ -196,7 +196,8 @@ def _open_shard(root: Path, name: str):
     shard = root / name
     if name.endswith(".npz"):
         if not shard.exists():
-            raise ConfigError(f"missing latent shard {shard}; re-run the encoder (it resumes) or fix data.path")
+            raise ConfigError(f"missing latent shard {shard}; re-run the encoder (it resumes) or fix "
+                              "suite.data.kwargs.path")
         member = _stored_member(shard, "latents")
         if member is None:
             latents_file = _convert_compressed(shard)
@@ -213,22 +214,45 @@ def _open_shard(root: Path, name: str):
     label_file = root / labels_name(name)
     for f in (shard, label_file):
         if not f.exists():
-            raise ConfigError(f"missing latent shard {f}; re-run the encoder (it resumes) or fix data.path")
+            raise ConfigError(f"missing latent shard {f}; re-run the encoder (it resumes) or fix "
+                              "suite.data.kwargs.path")
     with open(shard, "rb") as f:
         shape, dtype, offset = _npy_header(f, 0, str(shard))
-    return shard, offset, shape, dtype, np.load(label_file)
+    return shard, offset, shape, dtype, _load_labels(label_file)
+
+
+def _load_labels(file: Path) -> np.ndarray:
+    """A shard's labels: a plain integer .npy (never unpickled), else one line naming the file."""
+    try:
+        labels = np.load(file, allow_pickle=False)
+    except ValueError as err:  # pickled objects, or bytes that are not an .npy array
+        raise ConfigError(f"{file} is not a plain .npy array of labels ({' '.join(str(err).split())[:120]}); "
+                          "re-encode this shard") from None
+    except OSError as err:
+        raise ConfigError(f"{file} cannot be read ({err}); re-encode this shard") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{file} holds {labels.dtype} {labels.shape}, not a 1-D array of integer labels; "
+                          "re-encode this shard")
+    return labels
 
 
 def load_latents(path: str | None, expected_resolution: int | None = None, expected_channels: int | None = None,
                  expected_scaling: float | None = SD_VAE_SCALING, limit: int | None = None):
     if not path:
         raise ConfigError("no latent folder given: set suite.data.kwargs.path (or IMAGENET_LATENTS) to a folder "
-                          "with meta.json (see tread_bench/data/latents.py)")
+                          "with meta.json, made by `python -m tread_bench.data.encode_latents --images <image folder> --out <latent folder>`")
     root = Path(path)
     meta_file = root / "meta.json"
     if not meta_file.exists():
-        raise ConfigError(f"missing {meta_file}; encode the images first or fix data.path")
-    meta = json.loads(meta_file.read_text())
+        raise ConfigError(f"missing {meta_file}: suite.data.kwargs.path must be a latent folder; make one with "
+                          f"`python -m tread_bench.data.encode_latents --images <image folder> --out <latent folder>`")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{meta_file} is not JSON ({' '.join(str(err).split())[:120]}); re-run the encoder "
+                          "(it resumes) or restore the file") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{meta_file} must hold a JSON object with shape, scaling_factor, num_classes and shards")
     shape = tuple(meta.get("shape", ()))
     if len(shape) != 3:
         raise ConfigError(f"{meta_file}: 'shape' must be [C, H, W], got {shape}")
@@ -261,7 +285,12 @@ def load_latents(path: str | None, expected_resolution: int | None = None, expec
         raise ConfigError(f"no shards listed in {meta_file}; the encoding did not finish")
     images = ShardedLatents(parts, shape, dtype, limit or None)
     labels = torch.cat(ys)[:len(images)]
-    return ImageSet(images, labels, int(meta.get("num_classes", int(labels.max()) + 1)), f"latents:{root.name}")
+    num_classes = int(meta.get("num_classes", int(labels.max()) + 1))
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(f"labels in {root} run from {int(labels.min())} to {int(labels.max())}, outside the "
+                          f"{num_classes} classes {meta_file} names (0 to {num_classes - 1}); fix num_classes in "
+                          "meta.json or re-encode")
+    return ImageSet(images, labels, num_classes, f"latents:{root.name}")
 
 
 def write_latent_shards(folder: str | os.PathLike, latents: np.ndarray, labels: np.ndarray, shard_size: int,

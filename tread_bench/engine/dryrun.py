@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tread_bench.core.errors import ConfigError
+from tread_bench.core.processes import Stopped, die_with_parent
 from tread_bench.measure.memory import peak_rss_mib, rss_mib
 from tread_bench.measure.results import environment, tables_lock, upsert_csv, write_markdown
 from tread_bench.training.checkpoint import CHECKPOINT_PATHS
@@ -41,7 +42,8 @@ def peak_memory(device: str) -> dict:
     return out
 
 
-def _child(fn: Callable, args: tuple, results) -> None:
+def _child(fn: Callable, args: tuple, results, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     try:
         results.put(("ok", fn(*args)))
     except ConfigError as err:
@@ -57,18 +59,23 @@ def run_in_fresh_process(fn: Callable, *args):
     RuntimeError with one line saying what happened."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, results))
+    proc = ctx.Process(target=_child, args=(fn, args, results, os.getpid()))
     proc.start()
     outcome = None
-    while outcome is None:  # read before joining: a child blocks on exit until its queued result is read
-        try:
-            outcome = results.get(timeout=2)
-        except queue_module.Empty:
-            if not proc.is_alive():
-                try:
-                    outcome = results.get(timeout=2)  # put just before it exited
-                except queue_module.Empty:
-                    break
+    try:
+        while outcome is None:  # read before joining: a child blocks on exit until its queued result is read
+            try:
+                outcome = results.get(timeout=2)
+            except queue_module.Empty:
+                if not proc.is_alive():
+                    try:
+                        outcome = results.get(timeout=2)  # put just before it exited
+                    except queue_module.Empty:
+                        break
+    except Stopped:
+        proc.terminate()  # its checkpoint is atomic: a stop mid-save leaves the previous one
+        proc.join()
+        raise
     proc.join()
     if outcome is None:
         code = proc.exitcode

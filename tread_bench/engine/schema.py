@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
+import os
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
@@ -261,6 +261,20 @@ def root_keys() -> List[str]:
     return ["suite", "scale"] + [k for k in own if k not in ("defaults", "hydra")]
 
 
+def check_output_folder(key: str, path: str) -> None:
+    """``path`` is a folder this process can write, or one it can create (nothing is created here)."""
+    folder = Path(path)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise ConfigError(f"{key}={path} {where}, not a folder; give {key} a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        made = "" if existing == folder else f" (it would be made in {existing})"
+        raise ConfigError(f"{key}={path} cannot be written by this user{made}; give {key} a folder you can write")
+
+
 def check_root(cfg: DictConfig) -> None:
     """The keys of config.yaml besides the suite: names, types and values."""
     known = root_keys()
@@ -271,6 +285,12 @@ def check_root(cfg: DictConfig) -> None:
     device = cfg.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device = {device}: must be auto, cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device=cuda, but torch {torch.__version__} sees no CUDA GPU here; use device=auto "
+                              "(CUDA when there is one, else the CPU) or device=cpu")
     for key in ("force", "report", "plan"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{key} = {cfg.get(key)!r}: must be true or false")
@@ -288,6 +308,7 @@ def check_root(cfg: DictConfig) -> None:
     for key in ("results_dir", "runs_dir"):
         if not isinstance(cfg.get(key), str) or not cfg.get(key):
             raise ConfigError(f"{key} = {cfg.get(key)!r}: must be a folder path")
+        check_output_folder(key, cfg.get(key))
     only = cfg.get("only")
     if only is not None and not isinstance(only, str):
         raise ConfigError(f"only = {only!r}: must be a substring of run names, in quotes: only='{only}'")
@@ -356,6 +377,10 @@ def validate_suite(cfg: DictConfig) -> Dict[str, DictConfig]:
         raise ConfigError(f"suite.seeds = {seeds}: must be a non-empty list of distinct integers, e.g. [0, 1, 2]")
     if kind.check is not None:
         kind.check(suite)
+    limit, batch = (suite.get("data") or {}).get("limit"), (suite.get("train") or {}).get("global_batch")
+    if isinstance(limit, int) and isinstance(batch, int) and 0 < limit < batch:
+        raise ConfigError(f"suite.data.limit = {limit} images is below suite.train.global_batch = {batch}: every step "
+                          f"would draw images twice; raise suite.data.limit to at least {batch} or lower the batch")
     check_uncond_rate("suite.eval", suite.get("eval") or {})
     if kind.trains and not cfg.get("plan") and not cfg.get("report"):
         from tread_bench.engine.tracking import check_tracker

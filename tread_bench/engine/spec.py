@@ -13,6 +13,8 @@ from backbones import build_backbone, list_backbones
 from tread_bench.core.errors import ConfigError
 from tread_bench.methods import DEFAULT_KIND, method_arguments
 
+from .schema import suggest
+
 
 def pick_device(requested: str) -> str:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
@@ -106,6 +108,9 @@ def expand_runs(suite: DictConfig, scale: DictConfig) -> list[RunSpec]:
     for entry in suite.backbones:
         size = scale.size or entry.size
         sizes = list_backbones().get(entry.name)
+        if entry.get("size") is not None and sizes is not None and entry.size not in sizes:  # even if a scale replaces it
+            raise ConfigError(f"unknown size '{entry.size}' for backbone '{entry.name}' in suite {suite.name}; "
+                              f"{suggest(str(entry.size), sizes)}its sizes: {', '.join(sizes)}")
         if scale.size and sizes is not None and scale.size not in sizes:
             raise ConfigError(f"backbone '{entry.name}' has no size '{scale.size}', which scale={scale.name} gives every "
                               f"backbone; add '{scale.size}' to its size table (@register_backbone(..., sizes=...)) or "

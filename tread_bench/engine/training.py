@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
+from tread_bench.core.processes import Stopped, die_with_parent
 from tread_bench.measure.memory import rss_mib
 
 from .resume import RunBusy, run_lock
@@ -191,6 +193,12 @@ def _train_rows(run, suite, data, run_dir, device, snapshot, base, tracker, memo
         return [{**base, "status": "failed", "error": reason}], False
 
 
+def _start_worker(parent_pid: int, pids) -> None:
+    """A pool worker's initializer: it dies with the suite's process and reports its pid, so a stop can end it."""
+    die_with_parent(parent_pid)
+    pids.put(os.getpid())
+
+
 def _worker(job: dict) -> tuple[list[dict], bool]:
     """One run in a worker process (suite.jobs > 1, or a fresh process per run in a dry run): its own threads,
     modules, data and files. In a dry run its rows carry the process's memory (tread_bench/engine/dryrun.py)."""
@@ -274,7 +282,10 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         print(f"training {len(pending)} runs in {jobs} worker processes, {threads} thread(s) each")
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        context = get_context("spawn")
+        pids = context.SimpleQueue()
+        pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), pids))
+        try:
             futures = [(run, base, pool.submit(_worker, job(run, run_dir, snapshot, base, threads)))
                        for run, run_dir, snapshot, base in pending]
             for run, base, future in futures:
@@ -289,4 +300,13 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
                     print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}")
                 rows.extend(run_rows)
                 failures += [] if ok else [run.dir_name]
+        except Stopped:
+            while not pids.empty():  # every worker started so far: stopped now, not after its run
+                try:
+                    os.kill(pids.get(), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return rows, failures

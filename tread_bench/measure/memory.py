@@ -9,10 +9,13 @@ Details: docs/internals.md#tread_benchmeasurememorypy
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import resource
 from typing import Dict, List, Optional
 
 import torch
+
+from tread_bench.core.processes import die_with_parent
 
 #: bytes per parameter kept for the whole run, fp32 in mixed precision too
 STATE_BYTES_PER_PARAM = {"weights": 4, "grads": 4, "adamw": 8, "ema": 4}
@@ -111,9 +114,10 @@ def peak_rss_mib() -> float:
     return _peak_mb()
 
 
-def _probe(build, data_shape, num_classes: int, batch: int, steps: int, precision: str, queue) -> None:
+def _probe(build, data_shape, num_classes: int, batch: int, steps: int, precision: str, queue, parent_pid) -> None:
     from .throughput import make_train_step
 
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
     _reset_peak()
     before = _rss_mb()
@@ -134,12 +138,16 @@ def measure_cpu_peak(build, data_shape, num_classes: int, batch: int, steps: int
     process's peak, ``growth_mb`` its growth from before ``build`` was called: what the estimate predicts."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_probe, args=(build, data_shape, num_classes, batch, steps, precision, queue))
+    proc = ctx.Process(target=_probe, args=(build, data_shape, num_classes, batch, steps, precision, queue,
+                                             os.getpid()))
     proc.start()
     try:
         value = queue.get(timeout=timeout)
-    finally:
-        proc.join(timeout=60)
+    finally:  # also on a stop (SIGINT, SIGTERM) or a timeout: the probe does not outlive the call
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
     return value
 
 
