@@ -49,6 +49,11 @@ def backbone_sizes(name: str) -> Mapping[str, dict]:
     return _entry(name).sizes
 
 
+def backbone_module(name: str) -> str:
+    """The module that registered backbone ``name`` (its factory's)."""
+    return _entry(name).factory.__module__
+
+
 def _entry(name: str) -> BackboneEntry:
     return _REGISTRY[name]
 

@@ -150,8 +150,8 @@ def test_objective_group_moves_outputs_and_unknown_objective_is_refused():
     with initialize_config_dir(config_dir=SUITES, version_base="1.3"):
         flow = compose(config_name="config", overrides=["suite=smoke", "objective=flow"])
         edm = compose(config_name="config", overrides=["suite=smoke"])
-    assert flow.suite.objective.name == "flow" and flow.results_dir == "results/flow" and flow.runs_dir == "runs/flow"
-    assert edm.suite.objective.name == "edm" and edm.results_dir == "results" and edm.runs_dir == "runs"
+    assert flow.suite.objective.name == "flow" and flow.results_dir == "outputs/results/flow" and flow.runs_dir == "runs/flow"
+    assert edm.suite.objective.name == "edm" and edm.results_dir == "outputs/results" and edm.runs_dir == "runs"
     with pytest.raises(ConfigError, match="unknown objective 'nope'.*edm, flow"):
         build_objective("nope")
     with pytest.raises(ConfigError, match="unknown solver 'rk4'"):

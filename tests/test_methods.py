@@ -125,3 +125,25 @@ def test_shard_slices_the_global_draw():
         _, (mask_all,) = whole(x, t, y, return_token_masks=True)
         _, (mask_half,) = half(x[2:], t[2:], y[2:], return_token_masks=True)
     assert torch.equal(mask_all[2:], mask_half)  # rank 1 of 2 gets the second half of the global draw
+
+
+@register_method("test_rounding")
+class Rounding(Strided):
+    """The second mistake: a token count computed with round() on a size read off a tensor, which the FLOP
+    counter's trace turns into a traced value."""
+
+    def forward(self, x, noise_labels, class_labels, force_rate=None, return_token_masks=False):
+        tokens, _ = self.backbone.embed(x, noise_labels, class_labels)
+        self.stride = max(1, round(tokens.shape[1] / 32))
+        return super().forward(x, noise_labels, class_labels, force_rate, return_token_masks)
+
+
+def test_a_method_that_rounds_a_traced_size_is_refused_before_anything_trains(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(["suite=smoke", "scale=tiny", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+             "+suite.methods.rounding={kind:test_rounding,start:1,end:3}"])
+    message = str(err.value)
+    assert message.startswith("method 'test_rounding' (test_methods) in run dit-tiny-rounding-seed0: counting its "
+                              "FLOPs (tread_bench.measure.flops traces forward with fvcore) failed (TypeError: ")
+    assert message.endswith("make each token count a plain int with int(...)") and "\n" not in message
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

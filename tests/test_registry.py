@@ -83,3 +83,26 @@ def test_a_size_the_scale_needs_and_the_backbone_lacks_is_one_error_naming_both(
                               "add 'tiny' to its size table (@register_backbone(..., sizes=...)) or pick another "
                               "scale; its sizes: small")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+@register_backbone("test_no_null_label", sizes={"tiny": dict(depth=4, dim=32, patch=4)})
+class NoNullLabel(TestMixer):
+    """The mistake a plug-in author makes first: a class table of num_classes rows, none for the null label."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.y_embed = nn.Embedding(self.num_classes, self.y_embed.embedding_dim)
+
+
+def test_a_backbone_without_the_unconditional_label_row_is_refused_before_anything_trains(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(["suite=smoke", "scale=tiny", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+             "suite.backbones=[{name:test_no_null_label,size:tiny}]", "suite.data.name=synthetic",
+             "suite.data.limit=64"])
+    message = str(err.value)
+    assert message.startswith("backbone 'test_no_null_label' (test_registry) in run test_no_null_label-tiny-baseline"
+                              "-seed0: its training forward on 2 CPU images with labels 0 and 4 (the unconditional "
+                              "label) failed (IndexError: index out of range in self")
+    assert message.endswith("; a class embedding needs num_classes + 1 rows: label dropout feeds the unconditional "
+                            "label, index 4") and "\n" not in message
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

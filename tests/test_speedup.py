@@ -88,3 +88,22 @@ def test_one_fid_point_gives_no_fid_speedup():
     row = speedup_table(pd.DataFrame(rows)).iloc[0]
     assert row.fid_diff == pytest.approx(-5.0)
     assert "fid_speedup_steps" not in row or math.isnan(row.fid_speedup_steps)
+
+
+def test_curve_legends_name_each_method_with_its_setting(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from tread_bench.measure.speedup import plot_curves
+
+    legends = []
+
+    def savefig(fig, path, **kw):
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    rows = [{"backbone": "dit", "size": "XS/4", "method": m, "setting": setting, "seed": seed, "step": step,
+             "train_flops": step * 1e12, "wall_time_s": step, "eval_loss": 1.0 / step + seed * 1e-3}
+            for m, setting in (("baseline", "none"), ("tread", "r(2->8)@0.5")) for seed in (0, 1)
+            for step in (1, 2, 3)]
+    assert plot_curves(pd.DataFrame(rows), str(tmp_path / "curves")) == [str(tmp_path / "curves_dit-XS4.png")]
+    assert set(legends) == {"baseline (n=2)", "tread r(2->8)@0.5 (n=2)"}

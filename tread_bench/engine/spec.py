@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from backbones import build_backbone, list_backbones
+from backbones import backbone_module, build_backbone, list_backbones
 from tread_bench.core.errors import ConfigError
 from tread_bench.methods import DEFAULT_KIND, method_arguments
 
@@ -181,9 +181,60 @@ def prepare_runs(cfg: DictConfig, suite: DictConfig, data_shape, num_classes: in
             raise ConfigError(f"only='{cfg.only}' matches no run of suite {suite.name}; its runs: "
                               f"{', '.join(r.dir_name for r in runs)}")
         runs = kept
+    tried = set()
     for run in runs:
         validate_run(run, data_shape, num_classes)
+        if run.run_id not in tried:  # once per configuration, not per seed
+            tried.add(run.run_id)
+            try_plugins(run, data_shape, num_classes)
     return runs
+
+
+#: the packages of this project: a backbone or method registered from anywhere else is a plug-in
+BUILT_IN = ("backbones", "routing", "diffusion", "tread_bench")
+
+
+def try_plugins(run: RunSpec, data_shape, num_classes: int) -> None:
+    """A run whose backbone or method is a plug-in (registered outside this project) is built on the CPU and run
+    once as training runs it, on 2 images whose labels include the unconditional one (label dropout's
+    ``num_classes``), then its FLOPs are counted (the fvcore trace the tables use): a plug-in mistake becomes one
+    line naming the plug-in, the call and the fix, before any run trains. Built-in ones are covered by the tests."""
+    from tread_bench.measure.flops import flops_row
+    from tread_bench.methods import method_module
+
+    plugins = [f"backbone '{run.backbone}' ({backbone_module(run.backbone)})"] if not _built_in(
+        backbone_module(run.backbone)) else []
+    module = method_module(run.kind)
+    if module is not None and not _built_in(module):
+        plugins.append(f"method '{run.kind}' ({module})")
+    if not plugins:
+        return
+    channels, height, width = data_shape
+    call = "building it on the CPU"
+    try:
+        torch.manual_seed(0)
+        net = build_run_network(run, data_shape, num_classes).train()
+        call = f"its training forward on 2 CPU images with labels 0 and {num_classes} (the unconditional label)"
+        with torch.no_grad():
+            net(torch.randn(2, channels, height, width), torch.zeros(2), torch.tensor([0, num_classes]))
+        call = "counting its FLOPs (tread_bench.measure.flops traces forward with fvcore)"
+        flops_row(net, height, channels, num_classes)
+    except ConfigError:
+        raise
+    except Exception as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        hint = ""
+        if isinstance(err, IndexError) and "index out of range" in str(err):
+            hint = ("; a class embedding needs num_classes + 1 rows: label dropout feeds the unconditional label, "
+                    f"index {num_classes}")
+        elif "__round__" in str(err) or "__index__" in str(err) or "TracerWarning" in str(err):
+            hint = ("; under the FLOP counter's trace a size read off a tensor (tokens.shape[1]) is a traced value: "
+                    "make each token count a plain int with int(...)")
+        raise ConfigError(f"{' and '.join(plugins)} in run {run.dir_name}: {call} failed ({reason}){hint}") from None
+
+
+def _built_in(module: str) -> bool:
+    return module.split(".")[0] in BUILT_IN
 
 
 def _plain(cfg) -> dict:

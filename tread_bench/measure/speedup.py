@@ -173,10 +173,12 @@ def plot_curves(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseline"
                     ax = axes[r][c]
                     style = "--" if method == baseline else "-"
                     n = curve.seed.nunique()
+                    setting = str(curve.setting.iloc[0]) if "setting" in curve else ""
+                    name = f"{method} {setting}" if setting and setting not in ("none", "nan") else method
                     if len(xs) == 1:  # one evaluation (e.g. FID at the final step only): a point with its interval
-                        ax.errorbar(xs / unit, ms, yerr=hs, fmt="o", capsize=4, label=f"{method} (n={n})")
+                        ax.errorbar(xs / unit, ms, yerr=hs, fmt="o", capsize=4, label=f"{name} (n={n})")
                     else:
-                        line, = ax.plot(xs / unit, ms, style, marker="o", ms=3, label=f"{method} (n={n})")
+                        line, = ax.plot(xs / unit, ms, style, marker="o", ms=3, label=f"{name} (n={n})")
                         ax.fill_between(xs / unit, ms - hs, ms + hs, color=line.get_color(), alpha=0.2)
                     ax.set_xlabel(label)
                     ax.set_ylabel(metric.replace("_", " "))

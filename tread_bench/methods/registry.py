@@ -185,6 +185,12 @@ def method_kind(method: Method) -> str:
 RUN_LEVEL_ARGUMENTS = ("seed", "fp32_after_route")
 
 
+def method_module(kind: str) -> Optional[str]:
+    """The module that registered method ``kind`` (its factory's), or None when it is not registered."""
+    factory = _REGISTRY.get(kind)
+    return None if factory is None else factory.__module__
+
+
 def method_arguments(kind: str) -> Optional[List[str]]:
     """The keyword arguments registered method ``kind`` takes from its suite entry, or None when it accepts any
     (its factory takes ``**kwargs``, or ``kind`` is not registered: build_network reports that)."""
