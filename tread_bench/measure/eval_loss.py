@@ -5,7 +5,7 @@ and level), so the value differs between two evaluations only because the model 
 low-variance, and comparable across runs, seeds and resumes. MLPerf Training's current diffusion
 benchmark uses such an evaluation loss as its quality target.
 
-Levels: the objective's fixed grid (objectives/*.py ``eval_levels``), K equal-probability bins of its
+Levels: the objective's fixed grid (diffusion/edm.py, flow.py ``eval_levels``), K equal-probability bins of its
 training draws, so the equal-weight mean over levels (the "weighted mean", weights 1/K) estimates the
 expected training loss, the quantity training lowers. EDM: the K quantiles sigma_k = exp(P_mean + P_std *
 Phi^-1((k + 1/2) / K)) of the training distribution of log sigma, loss E_sigma[lambda(sigma) ||D(x + sigma n;

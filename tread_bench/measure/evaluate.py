@@ -79,7 +79,7 @@ def generate(denoiser, count: int, data_shape, num_classes: int, sampler: Sample
 def generate_with_labels(denoiser, labels: torch.Tensor, data_shape, num_classes: int, sampler: SamplerConfig,
                          seed: int, batch: int, device, progress: bool = False, objective=None) -> torch.Tensor:
     """One sample per label in [-1, 1] (float32, CPU); the noise is drawn from ``seed`` for all labels at once.
-    ``objective`` (objectives/, default EDM) samples with its own ODE solver."""
+    ``objective`` (diffusion/, default EDM) samples with its own ODE solver."""
     objective = _objective(objective)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), *data_shape, generator=g)
