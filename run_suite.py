@@ -62,6 +62,11 @@ if __name__ == "__main__":
 
     from tread_bench.engine.schema import check_command_line
 
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):  # ours, not Hydra's page of its internal config groups
+        from tread_bench.engine.cli_help import help_text
+
+        print(help_text(Path(__file__).resolve().parent / "suites"))
+        sys.exit(0)
     problem = check_command_line(sys.argv[1:], str(Path(__file__).resolve().parent / "suites"))
     if problem:
         print(f"error: {problem}", file=sys.stderr)

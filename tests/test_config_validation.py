@@ -222,3 +222,24 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^device=cuda, but torch .* sees no CUDA GPU here; use device=auto"):
         run(["suite=smoke", "scale=tiny", *dirs(tmp_path), "device=cuda"])
     assert nothing_written(tmp_path)
+
+
+def test_help_lists_every_suite_and_scale_the_common_options_and_three_examples_that_parse():
+    import re
+
+    from tread_bench.engine.cli_help import EXAMPLES
+    from tread_bench.engine.schema import check_command_line
+
+    res = subprocess.run([sys.executable, "run_suite.py", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    for group in ("suite", "scale"):
+        for yaml in (ROOT / "suites" / group).glob("*.yaml"):
+            assert re.search(rf"^  {yaml.stem} +\S", out, re.M), yaml.stem
+    for option in ("results_dir=outputs/results", "runs_dir=runs", "device=auto", "only=null", "plan=false"):
+        assert f"  {option} " in out
+    assert len(re.findall(r"^  python run_suite\.py suite=", out, re.M)) == 3
+    assert "Powered by Hydra" not in out
+    for _, command in EXAMPLES:
+        assert check_command_line(command.split()[2:], str(ROOT / "suites")) is None, command
