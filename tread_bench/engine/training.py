@@ -21,7 +21,7 @@ from tread_bench.core.processes import Stopped, die_with_parent
 from tread_bench.measure.memory import rss_mib
 
 from .resume import RunBusy, run_lock
-from .spec import RunSpec, build_run_network, run_stages
+from .spec import RunSpec, build_run_network, load_suite_data, run_stages
 from .tracking import open_tracker
 
 # evaluation columns logged to the tracker (with every eval_loss* column)
@@ -202,14 +202,12 @@ def _start_worker(parent_pid: int, pids) -> None:
 def _worker(job: dict) -> tuple[list[dict], bool]:
     """One run in a worker process (suite.jobs > 1, or a fresh process per run in a dry run): its own threads,
     modules, data and files. In a dry run its rows carry the process's memory (tread_bench/engine/dryrun.py)."""
-    from tread_bench.data import load_dataset
     from tread_bench.engine.imports import import_user_modules
 
     torch.set_num_threads(job["threads"])
     import_user_modules(job["imports"])
     suite = OmegaConf.create(job["suite"])
-    data = load_dataset(suite.data.name, suite.data.resolution, limit=suite.data.get("limit"),
-                        **(suite.data.get("kwargs") or {}))
+    data = load_suite_data(suite)
     memory = {} if job.get("dryrun") else None
     base_rss, started = rss_mib(), time.perf_counter()  # before the network is built: interpreter, torch, data
     rows, ok = train_and_record(job["run"], suite, data, Path(job["run_dir"]), job["device"], job["snapshot"],

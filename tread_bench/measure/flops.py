@@ -365,9 +365,7 @@ def flops_table_row(backbone: str, size: str, kind: Optional[str] = None, input_
 
 def pass_macs(net, data_shape, num_classes: int, force_rate=None) -> float:
     """Forward MACs of one pass of ``net`` per image: unreduced, or at ``force_rate``."""
-    c, h, _ = data_shape
-    routed = force_rate is not None
-    return count_forward_macs(net, h, c, num_classes, force_rate=force_rate, routed=routed)["torch_macs"]
+    return torch_forward_macs(net, data_shape, num_classes, routed=force_rate is not None, force_rate=force_rate)["macs"]
 
 
 def sampling_macs(net, data_shape, num_classes: int, ev, full: float) -> float:
