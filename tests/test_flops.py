@@ -243,3 +243,17 @@ def test_dit_s2_matches_published():
                                                       ("XL/2", 118.64, 24, 69.13)])
 def test_larger_dits_match_published(size, published, end, tread):
     published_check(size, published, end, tread)
+
+
+def test_a_sampling_pass_costs_the_torch_count_of_that_pass():
+    """pass_macs (the guidance kind's cost of one sampling pass) is the torch counter's count of that forward,
+    as count_forward_macs reports it beside fvcore's; a forced rate costs less than the unreduced pass."""
+    from tread_bench.measure.flops import count_forward_macs, pass_macs
+    from tread_bench.methods import build_network
+
+    net = build_network("dit", "tiny", (1, 32, 32), 10, routes=[{"start": 1, "end": 3, "rate": 0.5}]).eval()
+    full = pass_macs(net, (1, 32, 32), 10)
+    forced = pass_macs(net, (1, 32, 32), 10, force_rate=0.5)
+    assert full == count_forward_macs(net, 32, 1, 10, routed=False)["torch_macs"]
+    assert forced == count_forward_macs(net, 32, 1, 10, force_rate=0.5, routed=True)["torch_macs"]
+    assert forced < full
