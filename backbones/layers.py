@@ -135,7 +135,7 @@ class ConditionedPatchStack(nn.Module):
             raise ValueError(
                 f"expected input of shape (B, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
             )
-        tokens = self.x_embedder(x) + self.pos_embed
+        tokens = (self.x_embedder(x) + self.pos_embed).contiguous()  # PatchEmbed's output is a transposed view
         cond = self.t_embedder(noise_labels) + self.y_embedder(class_labels)
         return tokens, cond
 

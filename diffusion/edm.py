@@ -69,22 +69,24 @@ def sample_sigma(batch: int, cfg: EDMConfig, generator: torch.Generator | None =
 
 
 def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, class_labels: torch.Tensor, sigma: torch.Tensor,
-             noise: torch.Tensor, route_aware: bool = False) -> torch.Tensor:
-    """Per-sample weighted denoising loss, shape (B,).
+             noise: torch.Tensor, route_aware: bool = False, sigma_data: float | None = None) -> torch.Tensor:
+    """Per-sample weighted denoising loss, shape (B,). ``sigma_data``: the objective's (default: the denoiser's;
+    the training loop passes it, since its model may be a data-parallel wrapper without the attribute).
 
     ``route_aware`` (paper v1): the loss is taken only over pixels of tokens each route processed,
     averaged over routes; with no active route it is the plain loss. Off by default (v2/v3).
     A method that shapes its loss (tread_bench.methods.registry.LossTerms: MaskDiT, drop) gets the weighted error and
     the denoised image D(x_noisy) with the noisy input x_noisy (MaskDiT's MAE term compares the two).
     """
-    sigma4 = sigma.reshape(-1, 1, 1, 1).to(x.device)
-    x_noisy = x + noise.to(x.device) * sigma4
+    sigma4 = sigma.reshape(-1, 1, 1, 1).to(x.device, non_blocking=True)
+    x_noisy = x + noise.to(x.device, non_blocking=True) * sigma4
     terms, masks = None, []
     if route_aware:
         denoised, masks = denoiser(x_noisy, sigma4.flatten(), class_labels, return_token_masks=True)
     else:
         denoised, terms = denoiser(x_noisy, sigma4.flatten(), class_labels, return_loss_terms=True)
-    err = loss_weight(sigma4, denoiser.sigma_data) * (at_least_fp32(denoised) - at_least_fp32(x)) ** 2
+    sigma_data = denoiser.sigma_data if sigma_data is None else sigma_data
+    err = loss_weight(sigma4, sigma_data) * (at_least_fp32(denoised) - at_least_fp32(x)) ** 2
     if terms is not None:
         return terms.apply(err, at_least_fp32(denoised), x_noisy)
     return route_mean(err, masks)
@@ -138,7 +140,8 @@ class EDM(Objective):
         return {"sigma": sigma, "noise": torch.randn((batch, *shape), generator=generator)}
 
     def loss(self, model, x, labels, draws, route_aware=False):
-        return edm_loss(model, x, labels, draws["sigma"], draws["noise"], route_aware=route_aware)
+        return edm_loss(model, x, labels, draws["sigma"], draws["noise"], route_aware=route_aware,
+                        sigma_data=self.cfg.sigma_data)
 
     def eval_levels(self, count):
         return quantile_sigmas(count, self.cfg)

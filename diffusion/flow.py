@@ -58,8 +58,8 @@ class Flow(Objective):
         return {"t": t, "noise": torch.randn((batch, *shape), generator=generator)}
 
     def loss(self, model, x, labels, draws, route_aware=False):
-        t4 = draws["t"].reshape(-1, 1, 1, 1).to(x.device)
-        noise = draws["noise"].to(x.device)
+        t4 = draws["t"].reshape(-1, 1, 1, 1).to(x.device, non_blocking=True)
+        noise = draws["noise"].to(x.device, non_blocking=True)
         x_t = (1 - t4) * x + t4 * noise
         terms, masks = None, []
         if route_aware:

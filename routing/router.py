@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from backbones.protocol import BlockStack, full_positions
+from backbones.protocol import BlockStack, embed_tokens, full_positions
 from tread_bench.core.errors import ConfigError
 
 from .routes import Route, parse_routes, validate_routes
@@ -90,7 +90,7 @@ class RoutedNetwork(nn.Module):
         the tokens the route's blocks processed (for the route-aware loss).
         """
         bb = self.backbone
-        tokens, cond = bb.embed(x, noise_labels, class_labels)
+        tokens, cond = embed_tokens(bb, x, noise_labels, class_labels)
         routes = [r for r in self.active_routes(force_rate) if r.rate > 0]
         starts = {r.start: r for r in routes}
         ends = {r.end for r in routes}

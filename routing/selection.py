@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from tread_bench.core.devices import to_device
 from tread_bench.core.errors import ConfigError
 
 SELECTIONS = ("random", "rows")
@@ -13,7 +14,7 @@ SELECTIONS = ("random", "rows")
 def random_selection(batch: int, num_tokens: int, num_routed: int, generator: torch.Generator,
                      device: torch.device) -> torch.Tensor:
     """Independent uniform subset per sample: (B, N - num_routed) kept ids, each row ascending."""
-    noise = torch.rand(batch, num_tokens, generator=generator).to(device)
+    noise = to_device(torch.rand(batch, num_tokens, generator=generator), device)
     keep = num_tokens - num_routed
     return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
@@ -24,7 +25,7 @@ def row_selection(batch: int, grid: Tuple[int, int], rate: float, generator: tor
     (kept_rows, cols) grid in raster order. Returns (ids, kept_grid)."""
     rows, cols = grid
     kept_rows = rows - int(rows * rate)
-    noise = torch.rand(batch, rows, generator=generator).to(device)
+    noise = to_device(torch.rand(batch, rows, generator=generator), device)
     row_ids = noise.argsort(dim=1)[:, :kept_rows].sort(dim=1).values  # (B, kept_rows)
     ids = (row_ids[:, :, None] * cols + torch.arange(cols, device=device)).reshape(batch, kept_rows * cols)
     return ids, (kept_rows, cols)

@@ -39,7 +39,7 @@ BAD = [
     ('suite.train.lr="0.001"', "suite.train.lr = '0.001' is a str; write it as 0.001"),
     ("suite.train.ema_decay=1.0", "suite.train.ema_decay = 1.0: must be in [0, 1); e.g. suite.train.ema_decay=0.9999"),
     ("+suite.train.stepz=3", "unknown key 'suite.train.stepz'; did you mean 'steps'? the keys of suite.train are: "
-     "steps, global_batch, lr, betas, weight_decay, ema_decay, label_dropout, precision, route_aware_loss, "
+     "steps, global_batch, lr, betas, weight_decay, ema_decay, label_dropout, precision, tf32, route_aware_loss, "
      "fp32_after_route, grad_clip, checkpoint_every, log_every, warmup_steps_excluded, compile, compile_blocks, "
      "fault_nan_at_step"),
     ("+suite.train.seed=3", "suite.train.seed is not read from the suite: set the seed with suite.seed=<s> or "

@@ -80,17 +80,6 @@ def test_bf16_autocast_runs_the_block_after_each_route_end_in_fp32_and_the_loss_
             assert seen[i]["autocast"] and set(seen[i]["linear"]) == {torch.bfloat16}, (i, seen[i])
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change once set: start this test from a
-    fresh one and leave a fresh one to the tests after it."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_training_step_of_the_trainer_on_cpu(tmp_path, fresh_accelerator_state):
     """The trainer's own step under precision=bf16 on CPU (accelerate's autocast): the block after each route end
     runs in fp32, the others in bf16, and the loss that is backpropagated is fp32."""

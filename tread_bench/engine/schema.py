@@ -100,6 +100,7 @@ RULES: Dict[tuple, tuple] = {
     ("train", "log_every"): (positive, "> 0"),
     ("train", "warmup_steps_excluded"): (non_negative, ">= 0"),
     ("train", "fault_nan_at_step"): (positive, "> 0 (or null)"),
+    ("train", "compile_blocks"): (one_of("auto", True, False), "auto, true or false (auto: compiled on CUDA only)"),
     ("train", "loader_workers"): (non_negative, ">= 0 (DataLoader processes reading latents; 0: none)"),
     ("eval", "every"): (non_negative, ">= 0 (0: only the final step)"),
     ("eval", "samples"): (non_negative, ">= 0 (0: no FID)"),

@@ -181,7 +181,8 @@ def _train_rows(run, suite, data, run_dir, device, snapshot, base, tracker, memo
     try:
         summary, trainer = train_one(run, suite, data, run_dir, device, snapshot, tracker, memory)
         base = {**base, "params": summary["params"], "steps": summary["steps"], "final_loss": summary["final_loss"],
-                "samples_per_s": summary["samples_per_s"], "status": "ok", "error": ""}
+                "samples_per_s": summary["samples_per_s"], "tf32": trainer.tf32,
+                "compiled_blocks": trainer.compiled_blocks, "status": "ok", "error": ""}
         return [{**base, **e} for e in trainer.evals], True
     except ConfigError:
         raise

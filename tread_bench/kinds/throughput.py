@@ -18,7 +18,7 @@ from tread_bench.measure.results import environment
 from tread_bench.measure.flops import torch_forward_macs
 from tread_bench.measure.memory import measure_cpu_peak
 from tread_bench.measure.throughput import make_train_step, measure_interleaved
-from tread_bench.training.precision import resolve_precision
+from tread_bench.training.precision import compile_blocks_on, resolve_precision
 
 
 @dataclass
@@ -29,10 +29,15 @@ class ThroughputKeys:
     precision: Optional[str] = None      # auto (the training rule), fp32, bf16 or fp16
     cpu_peak_rss: Optional[bool] = None  # on CPU, each configuration's peak RSS in a fresh process
     baseline: Optional[str] = None       # the method every speedup is relative to
+    execution: Optional[list] = None     # [auto] (as training: compiled on CUDA only), [eager], [compiled] or both
+    tf32: Optional[bool] = None          # CUDA: TF32 for fp32 matmuls, as training sets it (default true)
 
 
 RULES = {"batch": (positive, "> 0"), "warmup": (non_negative, ">= 0"), "rounds": (positive, "> 0"),
-         "precision": (one_of("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16")}
+         "precision": (one_of("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16"),
+         "execution": (lambda modes: len(modes) > 0 and all(m in EXECUTIONS for m in modes),
+                       "a non-empty list of auto, eager and/or compiled")}
+EXECUTIONS = ("auto", "eager", "compiled")
 
 
 def check_throughput_suite(suite: dict) -> None:
@@ -53,12 +58,17 @@ def run_throughput_suite(cfg: DictConfig, suite: DictConfig) -> int:
     d = suite.data
     shape = (d.channels, d.resolution, d.resolution)
     runs = prepare_runs(cfg, suite, shape, d.num_classes)  # every run validated before anything is timed
+    executions = list(dict.fromkeys(("compiled" if compile_blocks_on("auto", device) else "eager") if e == "auto" else e
+                                    for e in suite.get("execution") or ["auto"]))
+    tf32 = bool(suite.get("tf32", True)) and device == "cuda"
     rows = []
     for backbone, size in dict.fromkeys((r.backbone, r.size) for r in runs):
         group = {r.method: r for r in runs if (r.backbone, r.size) == (backbone, size)}
         builders = {m: partial(build_run_model, r, shape, d.num_classes) for m, r in group.items()}
-        steps = {m: make_train_step(*build(), shape, d.num_classes, suite.batch, device, precision)
-                 for m, build in builders.items()}
+        # every (method, execution) interleaved in one measurement: A B A' B' ...
+        steps = {(m, e): make_train_step(*build(), shape, d.num_classes, suite.batch, device, precision,
+                                         compiled=e == "compiled", tf32=tf32)
+                 for m, build in builders.items() for e in executions}
         timing = measure_interleaved(steps, suite.warmup, suite.rounds, device)
         macs = {}
         for m, build in builders.items():
@@ -66,20 +76,21 @@ def run_throughput_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 _, model = build()
             macs[m] = torch_forward_macs(model.net, shape, d.num_classes)["macs"]
         base = suite.baseline
-        for m, t in timing.items():
+        for (m, e), t in timing.items():
             predicted = macs[base] / macs[m]
-            measured = timing[base]["p50_s"] / t["p50_s"]
+            measured = timing[(base, e)]["p50_s"] / t["p50_s"]
             peak = (measure_cpu_peak(builders[m], shape, d.num_classes, suite.batch, precision=precision)["peak_mb"]
-                    if cpu_rss else t["peak_mem_mb"])
+                    if cpu_rss and e == "eager" else t["peak_mem_mb"])
             rows.append({"suite": suite.name, "scale": cfg.scale.name, "backbone": backbone, "size": size,
-                         "method": m, "setting": group[m].setting, "batch": suite.batch, "precision": precision,
+                         "method": m, "execution": e, "tf32": tf32, "setting": group[m].setting,
+                         "batch": suite.batch, "precision": precision,
                          "steps_measured": t["n"], "warmup_steps": suite.warmup, "mean_ms": 1e3 * t["mean_s"],
                          "p50_ms": 1e3 * t["p50_s"], "p90_ms": 1e3 * t["p90_s"],
                          "samples_per_s": suite.batch / t["mean_s"], "peak_mem_mb": peak,
                          "peak_mem_kind": memory_kind, "measured_speedup": measured, "predicted_speedup": predicted,
                          "measured_over_predicted": measured / predicted, **environment(device)})
-            print(f"{backbone} {size} {m}: p50 {1e3 * t['p50_s']:.1f} ms, speedup {measured:.3f} "
+            print(f"{backbone} {size} {m} {e}: p50 {1e3 * t['p50_s']:.1f} ms, speedup {measured:.3f} "
                   f"(FLOPs predict {predicted:.3f})")
-    return write_table(cfg, suite, rows, ["suite", "scale", "backbone", "size", "method"],
-                       ["Interleaved A B A B after warm-up; speedup = baseline p50 / method p50; predicted = "
-                        "training-MAC ratio."])
+    return write_table(cfg, suite, rows, ["suite", "scale", "backbone", "size", "method", "execution"],
+                       ["Interleaved A B A B after warm-up; speedup = baseline p50 / method p50 at the same execution "
+                        "(eager or compiled blocks); predicted = training-MAC ratio."])

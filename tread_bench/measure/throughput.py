@@ -21,21 +21,30 @@ import numpy as np
 import torch
 
 from tread_bench.data import ImageSet
+from tread_bench.training.precision import set_tf32
 from tread_bench.training.trainer import Trainer, TrainConfig, build_accelerator
 
 
 def make_train_step(objective, model, data_shape, num_classes: int, batch: int, device: str, precision: str,
-                    seed: int = 0) -> Callable[[], float]:
+                    seed: int = 0, compiled: bool = False, tf32: bool = True) -> Callable[[], torch.Tensor]:
     """The training loop's step on ``model`` (``objective.wrap(method network)``) at ``batch`` random images of
-    ``data_shape``, on ``device`` at ``precision`` (the training rule's names: auto, fp32, bf16, fp16)."""
+    ``data_shape``, on ``device`` at ``precision`` (the training rule's names: auto, fp32, bf16, fp16), its blocks
+    compiled or eager, TF32 on or off (CUDA; set before each step, since interleaved configurations share it). The step
+returns its loss on the device (reading it would sync)."""
     g = torch.Generator().manual_seed(seed)
     data = ImageSet(torch.randn(batch, *data_shape, generator=g), torch.randint(num_classes, (batch,), generator=g),
                     num_classes, "random")
-    cfg = TrainConfig(global_batch=batch, precision=precision, seed=seed, loader_workers=0)
+    cfg = TrainConfig(global_batch=batch, precision=precision, seed=seed, loader_workers=0, compile_blocks=compiled,
+                      tf32=tf32)
     # only train_step is called: the run folder is never written
     trainer = Trainer(model, data, cfg, Path(tempfile.gettempdir()) / "tread-bench-timing",
                       accelerator=build_accelerator(precision, device), objective=objective)
-    return trainer.train_step
+
+    def step() -> torch.Tensor:
+        set_tf32(tf32, device)
+        return trainer.train_step()
+
+    return step
 
 
 def _sync(device: str) -> None:

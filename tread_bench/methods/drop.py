@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from backbones.protocol import BlockStack, full_positions
+from backbones.protocol import BlockStack, embed_tokens, full_positions
 from tread_bench.core.errors import ConfigError
 from routing.router import gather_tokens, scatter_tokens
 from routing.selection import SELECTIONS, select
@@ -94,7 +94,7 @@ class TokenDropper(SeededMethod):
         """What every dropper's forward starts with: (tokens, cond, rate in force, full grid, positions 0..n-1)."""
         if return_token_masks:
             self.refuse_token_masks()
-        tokens, cond = self.backbone.embed(x, noise_labels, class_labels)
+        tokens, cond = embed_tokens(self.backbone, x, noise_labels, class_labels)
         positions = full_positions(tokens.shape[0], tokens.shape[1], tokens.device)
         return tokens, cond, self.active_rate(force_rate), self.backbone.grid_size, positions
 

@@ -14,7 +14,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from backbones.protocol import BlockStack, full_positions
+from backbones.protocol import BlockStack, embed_tokens, full_positions
+from tread_bench.core.devices import to_device
 from tread_bench.core.errors import ConfigError
 from routing.router import gather_tokens, scatter_tokens
 from routing.selection import random_selection, row_selection
@@ -37,7 +38,7 @@ def structured_selection(batch: int, grid: Tuple[int, int], group: int, keep_per
     offsets = noise.topk(keep_per_group, dim=-1).indices              # (B, gr, gc, k) within each group
     row = torch.arange(group_rows)[None, :, None, None] * group + offsets // group
     col = torch.arange(group_cols)[None, None, :, None] * group + offsets % group
-    return (row * cols + col).reshape(batch, -1).sort(dim=1).values.to(device)
+    return to_device((row * cols + col).reshape(batch, -1).sort(dim=1).values, device)
 
 
 def subgrid_selection(batch: int, grid: Tuple[int, int], group: int, generator: torch.Generator,
@@ -49,7 +50,7 @@ def subgrid_selection(batch: int, grid: Tuple[int, int], group: int, generator: 
     row = torch.arange(0, rows, group)[None, :] + (offset // group)[:, None]      # (B, rows/g)
     col = torch.arange(0, cols, group)[None, :] + (offset % group)[:, None]       # (B, cols/g)
     ids = (row[:, :, None] * cols + col[:, None, :]).reshape(batch, -1)
-    return ids.to(device), (rows // group, cols // group)
+    return to_device(ids, device), (rows // group, cols // group)
 
 
 def _whole(value: float) -> Optional[int]:
@@ -247,14 +248,14 @@ class SPRINT(SeededMethod):
         """(B,) bool: samples whose whole sparse output is replaced by mask tokens (training's path drop)."""
         rank, world = self.shard
         drawn = torch.rand(batch * world, generator=self.generator) < self.path_drop_prob
-        return drawn[rank * batch:(rank + 1) * batch].to(device)
+        return to_device(drawn[rank * batch:(rank + 1) * batch], device)
 
     # -- the network ---------------------------------------------------------------------------------
     def forward(self, x, noise_labels, class_labels, force_rate: Optional[float] = None,
                 return_token_masks: bool = False):
         bb = self.backbone
         rate = self._rate(force_rate)
-        tokens, cond = bb.embed(x, noise_labels, class_labels)
+        tokens, cond = embed_tokens(bb, x, noise_labels, class_labels)
         b, n, d = tokens.shape
         grid, positions = bb.grid_size, full_positions(b, n, tokens.device)
         blocks = list(bb.blocks)

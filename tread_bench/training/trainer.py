@@ -1,6 +1,10 @@
 """Training loop: an objective's loss (diffusion/) on a token-reduction method's network (tread_bench/methods/), AdamW,
 EMA, accelerate, checkpoints, NaN guard. The loop calls only the objective and method interfaces.
 
+A step never makes the host wait for the device: the loss stays on the device and is read (and checked finite) every
+``log_every`` steps and before an evaluation or a checkpoint; the EMA is one fused in-place update; the draws reach
+the device by non-blocking copies.
+
 Every random draw of a step is made for the GLOBAL batch from CPU generators and each process takes its slice, so
 results do not depend on the process count. A resumed run trains exactly as the uninterrupted one: schedule stages
 are re-applied (settings are a function of the step) and draws not yet trained on are made again.
@@ -15,20 +19,21 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from backbones.protocol import weight_decay_groups
+from tread_bench.core.devices import to_device
 from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
 from tread_bench.data.latents import BatchRows, BatchSampler, whole_batch
 
 from .checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, plain_json, save_checkpoint
-from .precision import mixed_precision_name, resolve_precision
+from .precision import compile_blocks_on, mixed_precision_name, resolve_precision, set_tf32
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,6 +50,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     label_dropout: float = 0.1
     precision: str = "auto"          # auto = bf16 on CUDA, fp32 on CPU
+    tf32: bool = True                # CUDA: TF32 matmuls for what runs in fp32 (tread_bench/training/precision.py)
     route_aware_loss: bool = False   # paper v1 auxiliary loss; off as in v2/v3 and the official code
     fp32_after_route: bool = True
     grad_clip: Optional[float] = None
@@ -52,8 +58,8 @@ class TrainConfig:
     log_every: int = 10
     warmup_steps_excluded: int = 5   # steps not counted in samples/s
     compile: bool = False            # torch.compile the whole denoiser
-    compile_blocks: bool = False     # torch.compile each block (fuses the element-wise ops around it, as the
-                                     # official code does); one graph per token count a block sees
+    compile_blocks: Any = "auto"     # torch.compile each block (fuses the element-wise ops around it, as the
+                                     # official code does), token count dynamic; auto: on CUDA only
     fault_nan_at_step: Optional[int] = None  # fault injection for tests: the loss turns NaN at this step
     loader_workers: int = 2          # DataLoader processes reading out-of-core latents (0: read in the training
                                      # process); in-memory sets are indexed directly. Results do not depend on it.
@@ -90,14 +96,18 @@ class Trainer:
                               f"use a multiple of {world}")
         self.local_batch = cfg.global_batch // world
         denoiser.net.set_shard(self.acc.process_index, world)
-        self.ema = AveragedModel(denoiser, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        cuda = self.acc.device.type == "cuda"
+        self.tf32 = set_tf32(cfg.tf32, self.acc.device)
+        denoiser.to(self.acc.device)  # before the optimizer: fused AdamW wants its parameters on the device
+        self.ema = AveragedModel(denoiser, use_buffers=True)  # the container (checkpoint keys); updated by update_ema
         self.ema.requires_grad_(False)
         self.raw = denoiser
         opt = torch.optim.AdamW(weight_decay_groups(denoiser, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                                weight_decay=cfg.weight_decay)  # params flagged no_weight_decay: none
-        if cfg.compile_blocks:
+                                weight_decay=cfg.weight_decay, fused=cuda or None)  # params flagged no_weight_decay: none
+        self.compiled_blocks = compile_blocks_on(cfg.compile_blocks, self.acc.device)
+        if self.compiled_blocks:
             for block in denoiser.net.blocks:
-                block.compile()
+                block.compile(dynamic=True)  # routed and full token counts share one graph
         model = torch.compile(denoiser) if cfg.compile else denoiser
         self.model, self.opt = self.acc.prepare(model, opt)
         self.ema.to(self.acc.device)
@@ -106,6 +116,7 @@ class Trainer:
         self.stats: list[dict] = []
         self.evals: list[dict] = []  # rows appended by the evaluation callback; saved with the checkpoint
         self.window: list[float] = []  # losses since the last log line (saved: resume logs the same values)
+        self.unread: list[torch.Tensor] = []  # the device losses of steps not yet read into the window
         self._loader = None             # iterator over batches read by DataLoader workers (out-of-core data)
         self._queued: deque = deque()   # (generator state before, draws) of steps the loader asked for
         self.tracker = None  # live tracking (tread_bench/engine/tracking.py): an object with log(values, step), or None
@@ -134,6 +145,7 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self.read_losses()  # a diverged run is never checkpointed
         if self.acc.is_main_process:
             save_checkpoint(self.checkpoint_path, self.acc.unwrap_model(self.model), self.ema, self.state_dict())
         self.acc.wait_for_everyone()
@@ -152,6 +164,7 @@ class Trainer:
         self.raw.net.set_rng_state(state["rng"]["routing"])
         torch.set_rng_state(state["rng"]["torch"])
         self.stats, self.evals, self.window = state["stats"], state.get("evals", []), state.get("window", [])
+        self.unread = []
         if self.acc.is_main_process:  # drop lines logged after the checkpoint by the interrupted run
             atomic_write_text(self.run_dir / "stats.jsonl", "".join(json.dumps(r) + "\n" for r in self.stats))
         self.begin_stages()  # a resume past a stage's first step: the settings the uninterrupted run has now
@@ -193,7 +206,7 @@ class Trainer:
             x = next(self._loader_iter())
             _, (idx, y, draws) = self._queued.popleft()
         dev = self.acc.device
-        return x.to(dev, non_blocking=True).float(), y.to(dev), {k: v.to(dev) for k, v in draws.items()}
+        return to_device(x, dev).float(), to_device(y, dev), {k: to_device(v, dev) for k, v in draws.items()}
 
     def _workers(self) -> int:
         if multiprocessing.current_process().daemon:
@@ -227,7 +240,8 @@ class Trainer:
         self._queued.clear()
         self._loader = None  # the iterator's workers stop when it is collected
 
-    def train_step(self) -> float:
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns this process's loss as a device tensor (reading it would sync)."""
         x, y, draws = self._draw_batch()
         self.model.train()
         with self.acc.autocast():
@@ -237,17 +251,44 @@ class Trainer:
         if self.cfg.grad_clip:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        self.ema.update_parameters(self.acc.unwrap_model(self.model))
-        # the global mean loss: identical whatever the number of processes
-        value = self.acc.reduce(loss.detach().float(), reduction="mean").item()
+        self.update_ema()
+        value = loss.detach().float()
         if self.cfg.fault_nan_at_step == self.step + 1:
-            value = float("nan")
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"loss became {value} at step {self.step + 1}; lower lr, enable grad_clip, "
-                                   "or keep fp32_after_route on")
+            value = value * float("nan")
         self.step += 1
         self.images_seen += self.cfg.global_batch
         return value
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * model over parameters and buffers, as one fused in-place lerp (the
+        arithmetic of torch.optim.swa_utils.get_ema_multi_avg_fn, whose AveragedModel.update_parameters would sync
+        the host twice); the first update copies."""
+        ema = [t.detach() for t in (*self.ema.module.parameters(), *self.ema.module.buffers())]
+        model = self.acc.unwrap_model(self.model)
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.step == 0:
+            torch._foreach_copy_(ema, current)
+        else:
+            floating = [i for i, t in enumerate(ema) if t.is_floating_point() or t.is_complex()]
+            torch._foreach_lerp_([ema[i] for i in floating], [current[i] for i in floating], 1 - self.cfg.ema_decay)
+            for i in set(range(len(ema))) - set(floating):
+                ema[i].copy_(ema[i] * self.cfg.ema_decay + current[i] * (1 - self.cfg.ema_decay))
+        self.ema.n_averaged.add_(1)
+
+    def read_losses(self) -> None:
+        """Read the losses of the steps since the last read into the window: one host sync for all of them. The
+        global mean over processes (identical whatever their number); a non-finite one fails the run at its step."""
+        if not self.unread:
+            return
+        values = self.acc.reduce(torch.stack(self.unread), reduction="mean").tolist()
+        first = self.step - len(values) + 1
+        self.unread = []
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss became {value} at step {first + i}; lower lr, enable grad_clip, "
+                                       "or keep fp32_after_route on")
+        self.window.extend(values)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self, on_eval: Optional[Callable[["Trainer"], None]] = None, eval_every: int = 0) -> dict:
@@ -259,6 +300,7 @@ class Trainer:
         finally:
             self._close_loader()
         bar.close()
+        self.read_losses()
         if on_eval and not any(e.get("step") == self.step for e in self.evals):
             on_eval(self)  # the final evaluation, once, also after a resume
         self.save()
@@ -277,14 +319,18 @@ class Trainer:
         while self.step < cfg.steps:
             self.begin_stages()  # off the clock: a stage's first step (a no-op between boundaries)
             t0 = time.perf_counter()
-            loss = self.train_step()
+            self.unread.append(self.train_step())
+            logging = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            evaluating = bool(eval_every and on_eval and self.step % eval_every == 0)
+            saving = bool(cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+            if logging or evaluating or saving:
+                self.read_losses()  # the loop's one sync: on the clock, so wall time includes the device's work
             dt = time.perf_counter() - t0
             self.elapsed += dt
             if self.step > cfg.warmup_steps_excluded:
                 measured_time, measured_steps = measured_time + dt, measured_steps + 1
-            self.window.append(loss)
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if logging:
                 record = {"step": self.step, "kimg": self.images_seen / 1000, "loss": sum(self.window) / len(self.window),
                           "wall_s": round(self.elapsed, 4)}
                 self.stats.append(record)
@@ -297,9 +343,9 @@ class Trainer:
                                       "train/samples_per_s": (self.step - mark[0]) * cfg.global_batch / seconds
                                       if seconds > 0 else float("nan")}, step=self.step)
                 mark = (self.step, self.elapsed)
-            if eval_every and on_eval and self.step % eval_every == 0 and self.step < cfg.steps:
+            if evaluating and self.step < cfg.steps:
                 on_eval(self)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            if saving and self.step < cfg.steps:
                 self.save()
         return measured_steps, measured_time
 
