@@ -9,13 +9,17 @@ runs on three paths: the fused CUDA kernels of ``mamba_ssm`` / ``causal_conv1d``
 and the tensor is on CUDA; on CPU the fused C++ scan of ``backbones.mamba_cpu`` (built at first
 use with the system compiler); otherwise a pure-PyTorch path (depthwise conv + a scan run step by
 step on CPU, as a chunked parallel scan elsewhere). ``use_fused_kernels=False`` forces the pure
-path. ``mamba_ssm`` is imported lazily: it fails to import on CPU machines.
+path. ``mamba_ssm`` is imported lazily: it fails to import on CPU machines. On CUDA the pure path is
+several times slower, so it never runs unannounced: :func:`check_cuda_kernels` refuses a suite's CUDA
+run without the kernels before training (``suite.allow_slow_scan=true`` turns that into one warning
+line), and a CUDA forward outside a suite prints that line once.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import sys
 import threading
 
 import torch
@@ -31,15 +35,60 @@ from .registry import register_backbone
 
 
 @functools.lru_cache(maxsize=None)
-def fused_kernels():
-    """(selective_scan_fn, causal_conv1d_fn) from mamba_ssm / causal_conv1d, or None when either
-    does not import (CPU machines, missing CUDA libraries). Asked only for CUDA tensors."""
+def import_fused_kernels() -> tuple:
+    """((selective_scan_fn, causal_conv1d_fn), "") from mamba_ssm / causal_conv1d, or (None, why they did
+    not import), once per process."""
     try:
         from causal_conv1d import causal_conv1d_fn
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # ImportError, or an OSError/RuntimeError from a CUDA extension that fails to load
-        return None
-    return selective_scan_fn, causal_conv1d_fn
+        import selective_scan_cuda  # noqa: F401  (mamba_ssm after 2.3.2 imports without it, then fails in forward)
+    except Exception as err:  # ImportError, or an OSError/RuntimeError from a CUDA extension that fails to load
+        return None, " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    return (selective_scan_fn, causal_conv1d_fn), ""
+
+
+def fused_kernels():
+    """(selective_scan_fn, causal_conv1d_fn) from mamba_ssm / causal_conv1d, or None when either
+    does not import (CPU machines, missing CUDA libraries). Asked only for CUDA tensors."""
+    return import_fused_kernels()[0]
+
+
+#: what running Mamba on CUDA without the fused kernels costs: an estimate for the pure-PyTorch chunked scan
+#: against mamba_ssm's single kernel, not measured in this project (its machines have no GPU)
+SLOW_SCAN_COST = "about 4-5x slower per training step"
+#: how to get the kernels; no prebuilt wheel matches torch 2.14, so pip compiles them with nvcc (docs/cluster.md)
+KERNELS_INSTALL = ("TREAD_CUDA_EXTRA=1 scripts/setup.sh on the GPU machine, or pip install --no-build-isolation "
+                   "-e '.[cuda]' (mamba-ssm>=2.2 and causal-conv1d>=1.4, compiled with nvcc; docs/cluster.md)")
+
+
+@functools.lru_cache(maxsize=None)  # once per process
+def warn_slow_scan() -> None:
+    """Print the one line that says Mamba runs on CUDA without its fused kernels."""
+    print(f"warning: mamba on CUDA runs the pure-PyTorch scan, {SLOW_SCAN_COST}: the fused kernels of mamba-ssm "
+          f"and causal-conv1d do not import ({import_fused_kernels()[1]}); install them with {KERNELS_INSTALL}",
+          file=sys.stderr, flush=True)
+
+
+# The forward's call: under torch.compile (blocks are compiled on CUDA) a graph break, not a traced print.
+_warn_slow_scan_eagerly = torch.compiler.disable(warn_slow_scan)
+
+
+def check_cuda_kernels(model: nn.Module, allow_slow_scan: bool, where: str) -> None:
+    """For a model about to run on CUDA: when it holds Mamba mixers meant for the fused kernels and those do
+    not import, a ConfigError (one line: what to install, the slowdown, the key that allows it), or with
+    ``allow_slow_scan`` the one warning line of :func:`warn_slow_scan`."""
+    if not any(isinstance(m, MambaMixer) and m.use_fused_kernels for m in model.modules()):
+        return
+    kernels, reason = import_fused_kernels()
+    if kernels is not None:
+        return
+    if allow_slow_scan:
+        warn_slow_scan()
+        return
+    raise ConfigError(f"{where}: mamba on CUDA needs the fused kernels of mamba-ssm and causal-conv1d, which do "
+                      f"not import here ({reason}); install them with {KERNELS_INSTALL}, or set "
+                      f"suite.allow_slow_scan: true (command line: +suite.allow_slow_scan=true) to train on the "
+                      f"pure-PyTorch scan, {SLOW_SCAN_COST}")
 
 
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -330,6 +379,8 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_kernels() if (self.use_fused_kernels and x.is_cuda) else None
+        if fused is None and self.use_fused_kernels and x.is_cuda:
+            _warn_slow_scan_eagerly()  # never silently: suites refuse or warn before training, other callers here
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D_inner) each
         if fused is not None:
             u = fused[1](u.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,

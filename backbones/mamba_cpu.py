@@ -7,15 +7,24 @@ source, the flags and the CPU's instruction set), loads it with ctypes and wraps
 Function with the pure path's interface. When no compiler is found or the build fails, :func:`load`
 returns None, says why once, and ``backbones.mamba`` keeps its pure-PyTorch scan. ``TREAD_CPU_SCAN=0``
 switches the kernel off.
+
+Whoever can write the cache runs code in every Mamba run, so the cache must be private: it is created
+owner-only (0o700), and one owned by another user or writable by group or others is not used (one
+warning; the library is built in a fresh private directory for this process instead). The library's
+SHA-256 is recorded beside it at build time (``<name>.so.sha256``, ``sha256sum -c`` format) and checked
+before every load; a library that does not match is rebuilt, never loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -44,11 +53,91 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+class UnsafeCacheError(Exception):
+    """The cache directory can be written by someone else: what it holds cannot be trusted."""
+
+
+def unsafe_reason(path: Path) -> str:
+    """Why ``path`` (a cache directory or a file in it) must not be trusted, or "" when only its owner
+    (this process's user) can write it."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        return f"it is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"group or others can write it (mode {stat.S_IMODE(info.st_mode):#o})"
+    return ""
+
+
+def private_directory(path: Path) -> Path:
+    """``path``, created owner-only (0o700) when missing. Raises :class:`UnsafeCacheError` when it exists
+    but someone else can write it (:func:`unsafe_reason`)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
+    reason = unsafe_reason(path)
+    if reason:
+        raise UnsafeCacheError(f"{path}: {reason}")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_file(lib: Path) -> Path:
+    """Where the SHA-256 of ``lib`` is recorded: beside it, ``<name>.sha256``."""
+    return lib.with_name(lib.name + ".sha256")
+
+
+def record_hash(lib: Path) -> None:
+    """Write the SHA-256 of ``lib`` beside it (atomically: a temporary file, then a rename)."""
+    tmp = hash_file(lib).with_name(f".{hash_file(lib).name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{sha256_of(lib)}  {lib.name}\n")
+    os.replace(tmp, hash_file(lib))
+
+
+NOT_BUILT, NO_HASH = "not built", "no recorded SHA-256"  # nothing suspicious: (re)built without a warning
+
+
+def mismatch(lib: Path) -> str:
+    """Why ``lib`` must not be loaded (missing, unsafe, no recorded SHA-256, a different SHA-256), or ""."""
+    if not lib.is_file():
+        return NOT_BUILT
+    reason = unsafe_reason(lib)
+    if reason:
+        return reason
+    try:
+        recorded = hash_file(lib).read_text().split()[0]
+    except (OSError, IndexError):
+        return NO_HASH
+    actual = sha256_of(lib)
+    return "" if actual == recorded else f"its SHA-256 {actual[:12]}... is not the recorded {recorded[:12]}..."
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """An exclusive lock on ``lock`` (created owner-only): one process checks, builds and loads at a time.
+    In a read-only cache there is no lock, and nothing to build either."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _build(compiler: str, target: Path) -> None:
     """Compile and link into ``target`` atomically (a temporary file, then a rename), so that two
-    processes building at once never load a half-written library. OpenMP and libmvec (glibc's
-    vector maths) when the toolchain has them."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    processes building at once never load a half-written library, and record its SHA-256. OpenMP and
+    libmvec (glibc's vector maths) when the toolchain has them."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / "scan.o", Path(tmp) / target.name
         last_error = ""
@@ -60,15 +149,36 @@ def _build(compiler: str, target: Path) -> None:
                     last_error = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
                     break
             else:
+                lib.chmod(0o755)  # whatever the umask: only the owner may write what every run executes
                 os.replace(lib, target)
+                record_hash(target)
                 return
         raise RuntimeError(f"{compiler} failed: {last_error}")
+
+
+def _load_verified(compiler: str, target: Path):
+    """``target`` loaded with ctypes once its SHA-256 matches the recorded one; built (or rebuilt, with
+    one warning when it was there but did not match) first."""
+    with _locked(target.with_name(target.name + ".lock")):
+        problem = mismatch(target)
+        if problem:
+            if problem not in (NOT_BUILT, NO_HASH):
+                warnings.warn(f"mamba: {target} is not loaded ({problem}); rebuilding it")
+            _build(compiler, target)
+            problem = mismatch(target)
+            if problem:  # changed between the build and the check: refuse rather than load it
+                raise RuntimeError(f"{target} changed right after it was built ({problem})")
+        return ctypes.CDLL(str(target))
+
+
+def cache_directory() -> Path:
+    return Path(os.environ.get("TREAD_BENCH_CACHE") or Path.home() / ".cache" / "tread-bench")
 
 
 @functools.lru_cache(maxsize=None)
 def load():
     """The ctypes library, or None (``TREAD_CPU_SCAN=0``, no compiler, or a failed build). Built once
-    per machine, loaded once per process."""
+    per machine, loaded once per process, from a private cache and only when its SHA-256 matches."""
     if os.environ.get("TREAD_CPU_SCAN", "1") == "0":
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -77,12 +187,17 @@ def load():
         return None
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(COMPILE_FLAGS), compiler,
                                     _cpu_signature()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("TREAD_BENCH_CACHE") or Path.home() / ".cache" / "tread-bench")
-    target = cache / f"mamba_cpu_scan-{key}.so"
+    name = f"mamba_cpu_scan-{key}.so"
+    cache = cache_directory()
     try:
-        if not target.exists():
-            _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        try:
+            lib = _load_verified(compiler, private_directory(cache) / name)
+        except UnsafeCacheError as err:
+            warnings.warn(f"mamba: the CPU scan cache is not used ({err}): anyone who can write it could run code "
+                          f"in every Mamba run; remove it or set TREAD_BENCH_CACHE to a directory only you can "
+                          f"write. Built in a private temporary directory for this process instead")
+            with tempfile.TemporaryDirectory(prefix="tread-bench-") as fresh:  # 0o700, removed once loaded
+                lib = _load_verified(compiler, Path(fresh) / name)
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:  # no compiler, read-only cache, ...
         warnings.warn(f"mamba: the fused CPU scan did not build ({err}); the CPU scan runs in pure PyTorch, "
                       "several times slower")

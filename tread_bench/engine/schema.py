@@ -67,6 +67,7 @@ class SuiteSchema:
     jobs: int = 1
     dryrun: bool = False     # scale=dryrun sets it: each run in a fresh process, peak memory to results/dryrun.csv
     selection: str = "auto"
+    allow_slow_scan: bool = False  # Mamba on CUDA without mamba-ssm/causal-conv1d: warn and run the slow pure scan
     backbones: List[Any] = field(default_factory=list)        # entries checked against BackboneSchema
     methods: Dict[str, Any] = field(default_factory=dict)   # entries checked by check_method
     objective: Any = None                                    # read by the objective plug-in

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from backbones import backbone_module, build_backbone, list_backbones
+from backbones import backbone_module, build_backbone, check_cuda_kernels, list_backbones
 from tread_bench.core.errors import ConfigError
 from tread_bench.methods import DEFAULT_KIND, method_arguments
 
@@ -182,8 +182,13 @@ def prepare_runs(cfg: DictConfig, suite: DictConfig, data_shape, num_classes: in
                               f"{', '.join(r.dir_name for r in runs)}")
         runs = kept
     tried = set()
+    # Kernels the run's device lacks are found here, before the first run trains; flops and plan=true only
+    # count on the meta device.
+    on_cuda = pick_device(cfg.get("device", "auto")) == "cuda" and not cfg.get("plan") and suite.get("kind") != "flops"
     for run in runs:
-        validate_run(run, data_shape, num_classes)
+        model = validate_run(run, data_shape, num_classes)
+        if on_cuda:
+            check_cuda_kernels(model, bool(suite.get("allow_slow_scan", False)), f"run {run.dir_name}")
         if run.run_id not in tried:  # once per configuration, not per seed
             tried.add(run.run_id)
             try_plugins(run, data_shape, num_classes)
@@ -278,7 +283,7 @@ DEFAULT_OBJECTIVE = {"name": "edm"}
 # Train keys that cannot change a run's results (how data is read): kept out of the hash.
 _HASH_IGNORED_TRAIN = ("loader_workers",)
 # Suite keys that cannot change a run's results (where finished runs may be copied from: tread_bench/engine/reuse.py).
-_HASH_IGNORED_SUITE = ("reuse_from",)
+_HASH_IGNORED_SUITE = ("reuse_from", "allow_slow_scan")  # allow_slow_scan: the same maths on a slower path
 
 
 def config_hash(obj) -> str:
