@@ -165,10 +165,11 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([PY, "run_suite.py", *base, f"results_dir={one}/r", f"runs_dir={one}/runs"], cwd=ROOT, env=ENV,
                    check=True, capture_output=True)
-    launch = [PY, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "run_suite.py"]
-    subprocess.run([*launch, *base, f"results_dir={two}/r", f"runs_dir={two}/runs"], cwd=ROOT, env=ENV, check=True,
-                   capture_output=True)
+    # torchrun: `accelerate launch --cpu --num_processes 2` starts one process (several CPU processes need MPI)
+    launch = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "run_suite.py"]
+    res = subprocess.run([*launch, *base, f"results_dir={two}/r", f"runs_dir={two}/runs"], cwd=ROOT, env=ENV,
+                         check=True, capture_output=True, text=True)
+    assert "data parallel: process 1 of 2" in res.stdout  # two processes really trained
     a = [json.loads(x)["loss"] for x in (one / "runs/smoke/tiny/dit-tiny-tread-seed0/stats.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (two / "runs/smoke/tiny/dit-tiny-tread-seed0/stats.jsonl").read_text().splitlines()]
     # Same global batch and draws; only the gradient all-reduce order differs. Tolerance: 1e-5 relative.

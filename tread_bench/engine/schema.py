@@ -299,10 +299,10 @@ def check_root(cfg: DictConfig) -> None:
     tracker = cfg.get("tracker", "none")
     if tracker not in ("tensorboard", "wandb", "none"):
         raise ConfigError(f"tracker = {tracker}: must be tensorboard, wandb or none")
-    mfu = cfg.get("plan_mfu", 0.4)
-    if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
+    mfu = cfg.get("plan_mfu")
+    if mfu is not None and (isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1):
         raise ConfigError(f"plan_mfu = {mfu!r}: must be in (0, 1] (the fraction of the GPU's peak FLOP/s a run "
-                          "achieves); e.g. plan_mfu=0.4")
+                          "achieves), or null for the MFU of public figures by width; e.g. plan_mfu=0.3")
     gpus = cfg.get("plan_gpus", 8)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"plan_gpus = {gpus!r}: must be a whole number >= 1 (GPUs sharing the global batch); "

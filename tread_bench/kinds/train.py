@@ -2,6 +2,7 @@
 (``reuse_from``), and the suite's tables written: the runs table, the seeded speedup table, curves and samples."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +38,21 @@ def check_train_suite(suite: dict) -> None:
                               f"choose from {', '.join(known_suites)}")
 
 
+def join_submitit_tasks() -> None:
+    """Make each task of a submitit job of several tasks (hydra/launcher=slurm with gpus_per_node or nodes > 1,
+    or the local launcher's tasks_per_node) one data-parallel process: export its RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR (the job's first node) and MASTER_PORT, which accelerate reads and SLURM's variables do not give it.
+    Nothing happens outside such a job or when a launcher (accelerate launch, torchrun) has set RANK already."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # GPUs stay as SLURM shows them: accelerate takes GPU LOCAL_RANK % visible GPUs, right whether each task
+        # sees the node's GPUs or only its own; overwrite keeps a MASTER_PORT set in the job's environment
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 @register_suite_kind("train", keys=TrainKeys, check=check_train_suite, trains=True, isolates_dryrun_runs=True)
 def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     from tread_bench.measure.evaluate import EvalConfig, FIDEvaluator
@@ -44,11 +60,15 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     from accelerate import PartialState
 
     started = time.perf_counter()
-    state = PartialState()
-    main_process = state.is_main_process  # under `accelerate launch`, only rank 0 writes files
+    device = pick_device(cfg.device)
+    join_submitit_tasks()  # before the first PartialState: it joins the process group once, from the environment
+    state = PartialState(cpu=device != "cuda")  # cpu: several processes on CPU join by gloo
+    main_process = state.is_main_process  # with several processes, only rank 0 writes files
+    if state.num_processes > 1:
+        print(f"data parallel: process {state.process_index} of {state.num_processes} ({state.backend}, "
+              f"{state.device}), {suite.train.global_batch // state.num_processes} images of each global batch")
     data = load_suite_data(suite)
     runs = prepare_runs(cfg, suite, data.shape, data.num_classes, only=True)  # all checked before the first trains
-    device = pick_device(cfg.device)
     eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
     fid_ref = fid_reference(suite, eval_cfg) if eval_cfg.samples > 0 else None  # checked before training
     results_dir, runs_root = Path(cfg.results_dir), Path(cfg.runs_dir) / suite.name / cfg.scale.name
