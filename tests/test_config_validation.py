@@ -98,6 +98,12 @@ COMMAND_LINE = [
      "guidance, methods, methods_flops, methods_throughput, route_ablation, selection_rate, smoke, throughput"),
     ("objective=flo", "unknown objective 'flo'; did you mean 'flow'? choose one of edm, flow"),
     ("+stepz=1", "unknown top-level key 'stepz'"),
+    ("suite.methods.tread.routes=[2->20@0.5]", "cannot read the override suite.methods.tread.routes=[2->20@0.5] "
+     "(Hydra's override grammar); quote the value, with the whole argument in double quotes for the shell: "
+     "\"suite.methods.tread.routes=['2->20@0.5']\""),
+    ("suite.data.kwargs.root=/tmp/données", "cannot read the override suite.data.kwargs.root=/tmp/données (Hydra's "
+     "override grammar); quote the value, with the whole argument in double quotes for the shell: "
+     "\"suite.data.kwargs.root='/tmp/données'\""),
 ]
 
 

@@ -21,6 +21,7 @@ from tread_bench.measure.results import write_markdown
 from tread_bench.training.precision import resolve_precision
 
 from .spec import build_run_network, prepare_runs, run_stages
+from .tables import committed_training_time
 
 #: data shape (channels, classes) of the built-in datasets, so a plan needs no data on disk
 _DATA = {"latents": (4, 1000), "fashion_mnist": (1, 10), "digits": (1, 10), "synthetic": (1, 4)}
@@ -88,6 +89,13 @@ def run_plan(cfg: DictConfig, suite: DictConfig) -> int:
                       f"({table[f'gpu_hours_{gpu}'].sum():,.0f} training + {table[f'eval_gpu_hours_{gpu}'].sum():,.0f}"
                       f" evaluation)" for gpu in GPUS)
     print(f"total: {total}; wrote {stem}.csv and .md")
+    measured = committed_training_time(suite, cfg.scale.name, runs)
+    if measured is not None:
+        seconds, device, found = measured
+        jobs = max(1, int(suite.get("jobs", 1)))
+        print(f"on {device}: {seconds / 3600:.1f} h of training for the {found} of these runs the committed reference "
+              f"tables hold (their measured training time, evaluation excluded), about {seconds / jobs / 3600:.1f} h "
+              f"of wall time at {jobs} at a time")
     return 0
 
 

@@ -475,4 +475,25 @@ def check_command_line(argv: List[str], config_dir: str) -> Optional[str]:
     if any(a in ("-m", "--multirun") for a in argv):
         return None
     overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith(("hydra.", "hydra/"))]
-    return _override_errors(overrides, config_dir)
+    return _syntax_error(overrides) or _override_errors(overrides, config_dir)
+
+
+def _syntax_error(overrides: List[str]) -> Optional[str]:
+    """One line for an override Hydra's grammar cannot read (a route such as 2->20@0.5 or a non-ASCII path
+    unquoted), with the quoted form that it reads."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException:
+            key, _, value = override.partition("=")
+            if value.startswith("[") and value.endswith("]"):
+                quoted = "[" + ",".join(f"'{v.strip()}'" for v in value[1:-1].split(",") if v.strip()) + "]"
+            else:
+                quoted = f"'{value}'"
+            return (f"cannot read the override {override} (Hydra's override grammar); quote the value, "
+                    f"with the whole argument in double quotes for the shell: \"{key}={quoted}\"")
+    return None

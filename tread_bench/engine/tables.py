@@ -1,4 +1,5 @@
-"""A measurement kind's table: upserted into results/<suite>.csv, rendered as Markdown, with the resolved suite."""
+"""A measurement kind's table: upserted into results/<suite>.csv, rendered as Markdown, with the resolved suite; what
+the committed reference tables say a sitting will take."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,12 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
-from tread_bench.measure.results import environment, upsert_csv, write_markdown
+from tread_bench.measure.results import environment, read_table, upsert_csv, write_markdown
+
+#: the committed reference tables (results/ of the checkout)
+COMMITTED_RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
 def write_table(cfg, suite, rows, key, notes) -> int:
@@ -23,3 +28,20 @@ def write_table(cfg, suite, rows, key, notes) -> int:
     return 0
 
 
+def committed_training_time(suite, scale: str, runs: list):
+    """(seconds, device, runs found): the summed final training time (``wall_time_s``, evaluation excluded) of
+    ``runs`` in the committed reference table of a training suite (results/<suite>_runs.csv) at ``scale``, or None
+    when it holds none of them: what a sitting will take, measured, on the machine that made the table."""
+    table = COMMITTED_RESULTS / (suite.get("results_file") or f"{suite.name}_runs.csv")
+    try:
+        committed = read_table(table, ["suite", "scale", "run_id", "seed"])
+    except ConfigError:
+        return None
+    if committed is None or "wall_time_s" not in committed:
+        return None
+    rows = committed[(committed.suite == suite.name) & (committed.scale == scale) & (committed.status == "ok")]
+    last = rows.groupby(["run_id", "seed"]).wall_time_s.max()
+    found = [last[(run.run_id, run.seed)] for run in runs if (run.run_id, run.seed) in last.index]
+    if not found:
+        return None
+    return float(sum(found)), str(rows.device.iloc[0]), len(found)

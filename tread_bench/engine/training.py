@@ -224,6 +224,28 @@ def _worker(job: dict) -> tuple[list[dict], bool]:
     return rows, ok
 
 
+class Progress:
+    """Suite-level progress: "run k of N" and, once a run has finished, the time left at the pace so far (an
+    estimate: runs differ in cost, and parallel workers finish in bursts)."""
+
+    def __init__(self, total: int):
+        self.total, self.finished, self.started = total, 0, time.perf_counter()
+
+    def done(self, name: str, ok: bool) -> None:
+        self.finished += 1
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.finished * (self.total - self.finished)
+        print(f"[{name}] {'done' if ok else 'FAILED'}: {self.finished} of {self.total} runs finished, "
+              f"{_duration(elapsed)} so far" + (f", about {_duration(left)} left" if self.finished < self.total else ""),
+              flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{int(seconds)} s" if seconds < 90 else (f"{minutes} min" if minutes < 90 else
+                                                      f"{minutes // 60} h {minutes % 60:02d} min")
+
+
 def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, device: str, resolved: dict,
                   fid_prepare=None) -> tuple[list[dict], list[str]]:
     """Train ``pending`` [(run, run_dir, snapshot, base row)] one of three ways: in this process one after
@@ -251,10 +273,13 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
                 "base": base, "threads": threads, "imports": list(cfg.get("imports") or []), "tracker": tracker,
                 "dryrun": dryrun}
 
+    progress = Progress(len(pending))
     if jobs == 1 and not dryrun:
-        for run, run_dir, snapshot, base in pending:
-            print(f"[{run.dir_name}] {run.method}: {run.setting}, selection {run.selection}")
+        for k, (run, run_dir, snapshot, base) in enumerate(pending, 1):
+            print(f"[{run.dir_name}] run {k} of {len(pending)}: {run.method}: {run.setting}, selection {run.selection}")
             run_rows, ok = train_and_record(run, suite, data, run_dir, device, snapshot, base, tracker)
+            if run_rows and main_process:
+                progress.done(run.dir_name, ok)
             rows.extend(run_rows)
             failures += [] if ok else [run.dir_name]
     elif dryrun:  # one run at a time (suite.jobs is not read): the machine's memory is for one full-size run
@@ -297,7 +322,7 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
                     reason = f"worker died: {type(err).__name__}: {err}".splitlines()[0]
                     run_rows, ok = [{**base, "status": "failed", "error": reason}], False
                 if run_rows:
-                    print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}")
+                    progress.done(run.dir_name, ok)
                 rows.extend(run_rows)
                 failures += [] if ok else [run.dir_name]
         except Stopped:

@@ -18,6 +18,7 @@ from tread_bench.engine.resume import RunBusy, prepare_run_dir, run_lock
 from tread_bench.engine.reuse import reuse_finished_run
 from tread_bench.engine.schema import SUITES_DIR, group_options, suggest
 from tread_bench.engine.spec import config_hash, load_suite_data, pick_device, prepare_runs
+from tread_bench.engine.tables import committed_training_time
 from tread_bench.engine.training import fid_reference, finished_rows, train_pending
 from tread_bench.measure.results import environment, read_table, tables_lock, upsert_csv
 
@@ -98,7 +99,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 finished += 1
                 continue
         if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
-            print(f"[{run.dir_name}] not finished, left out of the report")
+            print(f"[{run.dir_name}] not finished ({progress_of(run_dir, suite)}), left out of the report")
             continue
         try:  # never resume another configuration, never clear a folder another process is training
             with run_lock(run_dir, enabled=main_process):
@@ -111,6 +112,8 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 "seed": run.seed, **environment(device), "config_hash": digest}
         pending.append((run, run_dir, snapshot, base))
 
+    if main_process and pending:
+        announce(cfg, suite, [p[0] for p in pending], finished, results_dir, runs_root)
     fid_prepare = (lambda: FIDEvaluator(eval_cfg, *fid_ref, data.num_classes).prepare_reference()) if fid_ref else None
     trained, failures = train_pending(pending, cfg, suite, data, device, resolved, fid_prepare)
     rows.extend(trained)
@@ -131,6 +134,35 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+def progress_of(run_dir: Path, suite: DictConfig) -> str:
+    """How far an unfinished run got: its last logged step of the suite's steps, or that it has not started."""
+    import json
+
+    stats = Path(run_dir) / "stats.jsonl"
+    lines = stats.read_text().splitlines() if stats.exists() else []
+    if not lines:
+        return "not started"
+    return f"step {json.loads(lines[-1])['step']} of {suite.train.steps} logged"
+
+
+def announce(cfg: DictConfig, suite: DictConfig, pending: list, finished: int, results_dir: Path,
+             runs_root: Path) -> None:
+    """What this sitting will do, before it trains: the runs, an estimate of the wall time, the files it writes."""
+    jobs = max(1, min(int(suite.get("jobs", 1)), len(pending)))
+    print(f"{suite.name} ({cfg.scale.name}): {len(pending)} runs to train, {jobs} at a time"
+          + (f" ({finished} finished earlier)" if finished else ""))
+    estimate = committed_training_time(suite, cfg.scale.name, pending)
+    if estimate is not None:
+        seconds, device, found = estimate
+        print(f"  estimated time: about {max(1, round(seconds / jobs / 60))} min of training for the {found} of them "
+              f"the committed reference tables hold (their measured training time on {device}, {jobs} at a time; "
+              "evaluations come on top, and another machine or load differs)")
+    stem = f"{suite.name}_{cfg.scale.name}"
+    print(f"  writes: {results_dir / (suite.get('results_file') or f'{suite.name}_runs.csv')}, "
+          f"{results_dir / f'{suite.name}_speedup.csv'} and .md, figures {results_dir / stem}_*.png; "
+          f"run folders under {runs_root}")
 
 
 def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], results_dir: Path) -> None:
@@ -164,5 +196,9 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
                         "convergence speedups: baseline's steps, training FLOPs or training seconds to its final "
                         "eval loss (FID) / the method's to reach that value (linear interpolation between "
                         "evaluations; seeds that never reach it are counted in 'reached')."])
-        plot_curves(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))
+        d = suite.data
+        shared = int(suite.get("jobs", 1)) > 1  # parallel runs happen on CPU only (train_pending)
+        plot_curves(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"),
+                    dataset=f"{d.get('name', 'data')} {d.resolution}x{d.resolution}",
+                    time_note=f"({suite.jobs} runs at a time shared the CPU: times under load)" if shared else "")
     sample_figures(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))

@@ -147,9 +147,15 @@ def _band(curve: pd.DataFrame, metric: str, x: str) -> tuple[np.ndarray, np.ndar
     return np.array(xs), np.array(ms), np.array(hs)
 
 
-def plot_curves(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseline") -> list[str]:
+#: what each plotted metric is, for axis labels a reader understands without the code
+METRIC_LABELS = {"eval_loss": "held-out loss (EMA model, objective's weighting)", "fid": "FID (EMA model)"}
+
+
+def plot_curves(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseline", dataset: str = "",
+                time_note: str = "") -> list[str]:
     """Evaluation loss (and FID) against steps, training FLOPs and training time, one figure per backbone:
-    the mean over seeds with a 95% t-interval band."""
+    the mean over seeds with a 95% t-interval band. ``dataset`` goes into the title; ``time_note`` (e.g. that runs
+    shared the machine) into the training-time axis label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +167,7 @@ def plot_curves(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseline"
     if not metrics:
         return written
     axes_x = [("step", "training steps", 1.0), ("train_flops", "training compute (TFLOPs, MAC convention, fwd+bwd)", 1e12),
-              ("wall_time_s", "training time (s, evaluation excluded)", 1.0)]
+              ("wall_time_s", "training time (s, evaluation excluded)" + (f"\n{time_note}" if time_note else ""), 1.0)]
     for (backbone, size), group in runs.groupby(["backbone", "size"], sort=False):
         fig, axes = plt.subplots(len(metrics), 3, figsize=(15, 4 * len(metrics)), squeeze=False)
         for r, metric in enumerate(metrics):
@@ -181,7 +187,10 @@ def plot_curves(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseline"
                         line, = ax.plot(xs / unit, ms, style, marker="o", ms=3, label=f"{name} (n={n})")
                         ax.fill_between(xs / unit, ms - hs, ms + hs, color=line.get_color(), alpha=0.2)
                     ax.set_xlabel(label)
-                    ax.set_ylabel(metric.replace("_", " "))
+                    samples = ""
+                    if metric == "fid" and "fid_samples" in curve and curve.fid_samples.notna().any():
+                        samples = f", {int(curve.fid_samples.dropna().iloc[0])} samples"
+                    ax.set_ylabel(METRIC_LABELS.get(metric, metric.replace("_", " ")).replace(")", f"{samples})", 1))
                     ax.grid(alpha=0.3)
             for ax in axes[r]:
                 if ax.lines or ax.containers:
@@ -191,7 +200,9 @@ def plot_curves(runs: pd.DataFrame, path_prefix: str, baseline: str = "baseline"
                 values = group.eval_loss.dropna()
                 if len(values) > 3:
                     ax.set_ylim(values.min() * 0.98, np.quantile(values, 0.9))
-        fig.suptitle(f"{backbone} {size}: mean over seeds, band = 95% t interval")
+        fig.suptitle(f"{dataset + ': ' if dataset else ''}{backbone} {size}, "
+                     f"{' and '.join(METRIC_LABELS.get(m, m).split(' (')[0] for m in metrics)}: mean over seeds, "
+                     "band / bar = 95% t interval")
         fig.tight_layout()
         path = f"{path_prefix}_{backbone}-{str(size).replace('/', '')}.png"
         fig.savefig(path, dpi=100)
