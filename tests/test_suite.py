@@ -41,7 +41,7 @@ def test_report_writes_tables_from_finished_runs_and_trains_nothing(tmp_path, ca
     assert run(args + [f"results_dir={tmp_path}/trained", "only=baseline"]) == 0
     assert run(args + [f"results_dir={tmp_path}/report", "report=true"]) == 0
     out = capsys.readouterr().out
-    assert "dit-tiny-tread-seed0] not finished, left out of the report" in out
+    assert "dit-tiny-tread-seed0] not finished (not started), left out of the report" in out
     assert not (tmp_path / "runs" / "smoke" / "tiny" / "dit-tiny-tread-seed0").exists()  # nothing of it touched
     trained = pd.read_csv(tmp_path / "trained" / "smoke.csv")
     reported = pd.read_csv(tmp_path / "report" / "smoke.csv")
