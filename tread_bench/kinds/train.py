@@ -29,6 +29,7 @@ RUN_KEY = ["suite", "scale", "run_id", "seed"]
 @dataclass
 class TrainKeys:
     reuse_from: Optional[List[str]] = None   # suites whose identical finished runs are copied (tread_bench/engine/reuse.py)
+    crossover_tables: Optional[List[str]] = None  # runs tables (in results_dir) the crossover map combines
 
 
 def check_train_suite(suite: dict) -> None:
@@ -202,3 +203,8 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
                     dataset=f"{d.get('name', 'data')} {d.resolution}x{d.resolution}",
                     time_note=f"({suite.jobs} runs at a time shared the CPU: times under load)" if shared else "")
     sample_figures(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))
+    if suite.get("crossover_tables"):
+        from tread_bench.measure.crossover import write_report
+
+        for path in write_report([results_dir / name for name in suite.crossover_tables], results_dir):
+            print(f"wrote {path}")
