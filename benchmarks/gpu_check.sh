@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (benchmarks/gpu_check.py): about 8 minutes on one H100-class GPU; writes
+# The one prepared GPU check (benchmarks/gpu_check.py), sized for 8 minutes on one H100-class GPU (not yet timed); writes
 # results/gpu_check.md naming the GPU. It fails (exit 1, one line) when any part cannot run, never skips one.
 #   bash benchmarks/gpu_check.sh            # in a checkout set up with scripts/setup.sh (the cuda extra installed)
 #   PYTHON=python3 bash benchmarks/gpu_check.sh   # any interpreter that has the project's packages
