@@ -42,3 +42,20 @@ def test_equal_flops_compares_with_the_baselines_curve_at_treads_flops():
 def test_cell_shapes_are_read_off_the_networks():
     assert cell_shape("dit", "XS/4") == (64, 64) and cell_shape("dit", "XS/2") == (64, 256)
     assert cell_shape("dit", "w128/4") == (128, 64) and cell_shape("dit", "w192/4") == (192, 64)
+
+
+def test_the_trend_predicts_at_the_papers_point_only_when_every_axis_varies():
+    from tread_bench.measure.crossover import trend_markdown
+
+    # ratio = 1.2 * (params / 1e6)^-0.05 * (tokens / 64)^-0.02 * (step / 1800)^-0.01, with a little noise:
+    # at 33M parameters, 256 tokens, 400K steps it is 1.2 * 0.839 * 0.973 * 0.947 = 0.928, TREAD better
+    rows = []
+    for k, (p, t, s) in enumerate([(1e6, 64, 1800), (4e6, 64, 1800), (9e6, 64, 1800), (1e6, 256, 1800),
+                                   (1e6, 64, 6000), (1e6, 64, 18000), (4e6, 256, 6000)]):
+        noise = 1 + 0.001 * (-1) ** k
+        rows.append({"params": p, "tokens": t, "step": s,
+                     "ratio_equal_steps": noise * 1.2 * (p / 1e6) ** -0.05 * (t / 64) ** -0.02 * (s / 1800) ** -0.01})
+    cells = pd.DataFrame(rows)
+    text = trend_markdown(cells)
+    assert "Extrapolated to the paper's DiT-S/2 point" in text and "TREAD better" in text
+    assert "no prediction" in trend_markdown(cells[cells.tokens == 64].assign(tokens=64))
