@@ -28,11 +28,16 @@ def write_table(cfg, suite, rows, key, notes) -> int:
     return 0
 
 
+def runs_table_name(suite) -> str:
+    """The file name of a training suite's runs table (one row per run and evaluation)."""
+    return suite.get("results_file") or f"{suite.name}_runs.csv"
+
+
 def committed_training_time(suite, scale: str, runs: list):
     """(seconds, device, runs found): the summed final training time (``wall_time_s``, evaluation excluded) of
     ``runs`` in the committed reference table of a training suite (results/<suite>_runs.csv) at ``scale``, or None
     when it holds none of them: what a sitting will take, measured, on the machine that made the table."""
-    table = COMMITTED_RESULTS / (suite.get("results_file") or f"{suite.name}_runs.csv")
+    table = COMMITTED_RESULTS / runs_table_name(suite)
     try:
         committed = read_table(table, ["suite", "scale", "run_id", "seed"])
     except ConfigError:

@@ -18,7 +18,7 @@ from tread_bench.engine.resume import RunBusy, prepare_run_dir, run_lock
 from tread_bench.engine.reuse import reuse_finished_run
 from tread_bench.engine.schema import SUITES_DIR, group_options, suggest
 from tread_bench.engine.spec import config_hash, load_suite_data, pick_device, prepare_runs
-from tread_bench.engine.tables import committed_training_time
+from tread_bench.engine.tables import committed_training_time, runs_table_name
 from tread_bench.engine.training import fid_reference, finished_rows, train_pending
 from tread_bench.measure.results import environment, read_table, tables_lock, upsert_csv
 
@@ -74,7 +74,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}))
     fid_ref = fid_reference(suite, eval_cfg) if eval_cfg.samples > 0 else None  # checked before training
     results_dir, runs_root = Path(cfg.results_dir), Path(cfg.runs_dir) / suite.name / cfg.scale.name
-    read_table(results_dir / (suite.get("results_file") or f"{suite.name}_runs.csv"), RUN_KEY)  # readable, before training
+    read_table(results_dir / runs_table_name(suite), RUN_KEY)  # readable, before training
     resolved = OmegaConf.to_container(suite, resolve=True)
     if main_process:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def announce(cfg: DictConfig, suite: DictConfig, pending: list, finished: int, r
               f"the committed reference tables hold (their measured training time on {device}, {jobs} at a time; "
               "evaluations come on top, and another machine or load differs)")
     stem = f"{suite.name}_{cfg.scale.name}"
-    print(f"  writes: {results_dir / (suite.get('results_file') or f'{suite.name}_runs.csv')}, "
+    print(f"  writes: {results_dir / runs_table_name(suite)}, "
           f"{results_dir / f'{suite.name}_speedup.csv'} and .md, figures {results_dir / stem}_*.png; "
           f"run folders under {runs_root}")
 
@@ -171,7 +171,7 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
     from tread_bench.measure.results import write_markdown
     from tread_bench.measure.speedup import plot_curves, sample_figures, speedup_markdown, speedup_table
 
-    results_file = suite.get("results_file") or f"{suite.name}_runs.csv"
+    results_file = runs_table_name(suite)
     if not rows:
         print("no finished runs to write")
         return
