@@ -225,7 +225,7 @@ def _worker(job: dict) -> tuple[list[dict], bool]:
 
 
 class Progress:
-    """Suite-level progress: "run k of N" and, once a run has finished, the time left at the pace so far (an
+    """Suite-level progress: as each run finishes, how many of N have, and the time left at the pace so far (an
     estimate: runs differ in cost, and parallel workers finish in bursts)."""
 
     def __init__(self, total: int):
