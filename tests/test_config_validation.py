@@ -15,7 +15,7 @@ from suite_helpers import compose_suite, run
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SUITES = ["smoke", "flops", "throughput", "arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance",
-          "methods", "methods_flops", "methods_throughput", "crossover", "crossover_long"]
+          "methods", "methods_flops", "methods_throughput", "crossover", "crossover_batch", "crossover_long"]
 HOW = 'write it as {start: 2, end: 8, rate: 0.5} or "2->8@0.5"'
 
 # (override of `suite=smoke scale=tiny`, the exact message after "error: ")
@@ -94,7 +94,7 @@ def test_run_suite_prints_one_error_line_and_exits_2(tmp_path, override, message
 # Mistakes Hydra would report in several lines (exit 1) before our checks run: checked ahead of Hydra
 COMMAND_LINE = [
     ("suite.train.stepz=5", "unknown key 'suite.train.stepz'; did you mean 'steps'? the keys of suite.train are: "),
-    ("suite=smok", "unknown suite 'smok'; did you mean 'smoke'? choose one of arch_agnostic, crossover, crossover_long, dit_scaling, flops, "
+    ("suite=smok", "unknown suite 'smok'; did you mean 'smoke'? choose one of arch_agnostic, crossover, crossover_batch, crossover_long, dit_scaling, flops, "
      "guidance, methods, methods_flops, methods_throughput, route_ablation, selection_rate, smoke, throughput"),
     ("objective=flo", "unknown objective 'flo'; did you mean 'flow'? choose one of edm, flow"),
     ("+stepz=1", "unknown top-level key 'stepz'"),

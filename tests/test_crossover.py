@@ -1,15 +1,16 @@
-"""suite=crossover at scale=tiny: every file kind (runs table, cells table, trend, map), and the cells' ratios
-against the runs table read by hand."""
+"""suite=crossover at scale=tiny: every file kind (runs table, cells table, trend, map), the cells' ratios against
+the runs table read by hand, equal FLOPs read off two evaluations (no interpolation), and cells that differ only
+in batch or only in training length kept apart."""
 import math
 
 import pandas as pd
 import pytest
 
-from tread_bench.measure.crossover import cell_shape, crossover_cells
+from tread_bench.measure.crossover import cell_shape, crossover_cells, pair_points, trend_of
 from suite_helpers import run
 
 
-def test_the_tiny_crossover_suite_writes_its_runs_cells_trend_and_map(tmp_path):
+def test_the_tiny_crossover_suite_writes_its_runs_cells_trend_and_map(tmp_path, capsys):
     out = tmp_path / "r"
     assert run(["suite=crossover", "scale=tiny", f"results_dir={out}", f"runs_dir={tmp_path}/runs"]) == 0
     for name in ("crossover_runs.csv", "crossover_cells.csv", "crossover_trend.md", "crossover_map.png",
@@ -22,40 +23,94 @@ def test_the_tiny_crossover_suite_writes_its_runs_cells_trend_and_map(tmp_path):
     by_hand = [at[(at.method == "tread") & (at.seed == s)].eval_loss.item()
                / at[(at.method == "baseline") & (at.seed == s)].eval_loss.item() for s in (0, 1)]
     assert final.ratio_equal_steps == pytest.approx(sum(by_hand) / 2, rel=1e-12)
-    assert final.seeds == 2 and math.isfinite(final.fid_diff)
+    assert final.seed_pairs == 2 and math.isfinite(final.fid_diff_equal_steps)
+    # eval.flop_match: the baseline also evaluated where its training FLOPs equal TREAD's at steps 10 and 20
+    for size in ("tiny", "tiny/2"):
+        mine = runs[(runs["size"] == size) & (runs.seed == 0)]
+        base, tread = mine[mine.method == "baseline"], mine[mine.method == "tread"]
+        per_step = base.train_flops.iloc[-1] / base.step.iloc[-1]
+        assert set(tread.step) == {10, 20} and len(set(base.step)) > 2
+        for flops in tread.train_flops:
+            assert (base.train_flops - flops).abs().min() <= per_step / 2
+    row = cells[(cells["size"] == "tiny/2") & (cells.step == 20)].iloc[0]
+    ratios = []
+    for s in (0, 1):
+        mine = runs[(runs["size"] == "tiny/2") & (runs.seed == s)]
+        t = mine[(mine.method == "tread") & (mine.step == 20)].iloc[0]
+        b = mine[mine.method == "baseline"]
+        ratios.append(t.eval_loss / b.loc[(b.train_flops - t.train_flops).abs().idxmin()].eval_loss)
+    assert row.ratio_equal_flops == pytest.approx(sum(ratios) / 2, rel=1e-12)
+    # report=true: every unit (a cell's seed pair) by the runs table; a missing one with the command that runs it
+    runs[~((runs["size"] == "tiny/2") & (runs.seed == 1) & (runs.method == "tread"))].to_csv(
+        out / "crossover_runs.csv", index=False)
+    capsys.readouterr()
+    assert run(["suite=crossover", "scale=tiny", f"results_dir={out}", f"runs_dir={tmp_path}/empty", "report=true"]) == 0
+    said = capsys.readouterr().out
+    assert "  done     dit-tiny-seed0\n" in said and "  done     dit-tiny2-seed0\n" in said
+    assert (f"  missing  dit-tiny2-seed1 (tread): python run_suite.py suite=crossover scale=tiny only=dit-tiny2- "
+            f"'suite.seeds=[1]' results_dir={out}\n") in said
+    assert "3 of 4 units done" in said
 
 
-def test_equal_flops_compares_with_the_baselines_curve_at_treads_flops():
-    # baseline: loss 2.0 at 100 FLOPs, 1.0 at 200; TREAD at step 2 spent 150 FLOPs with loss 1.2:
-    # the baseline's curve at 150 FLOPs is 1.5, so the equal-FLOPs ratio is 1.2 / 1.5 = 0.8 (steps: 1.2 / 1.0)
+def _rows(cell_size="tiny", batch=32, steps=(100, 200), total=200, seed=0, base_losses=(2.0, 1.0),
+          tread_losses=(2.1, 1.2), base_flops=(100, 200), tread_flops=(75, 150)):
     rows = []
-    for method, flops, losses in (("baseline", (100, 200), (2.0, 1.0)), ("tread", (75, 150), (2.1, 1.2))):
-        for step, f, loss in zip((1, 2), flops, losses):
-            rows.append({"backbone": "dit", "size": "tiny", "method": method, "seed": 0, "step": step, "status": "ok",
-                         "train_flops": f, "eval_loss": loss, "params": 10})
+    for method, flops, losses in (("baseline", base_flops, base_losses), ("tread", tread_flops, tread_losses)):
+        for step, f, loss in zip(steps, flops, losses):
+            rows.append({"backbone": "dit", "size": cell_size, "method": method, "seed": seed, "step": step,
+                         "steps": total, "images_seen": step * batch, "status": "ok", "train_flops": f,
+                         "eval_loss": loss, "params": 10})
+    return rows
+
+
+def test_equal_flops_reads_an_evaluation_never_an_interpolated_curve():
+    # baseline evaluated at steps 100, 200 (1 FLOP a step); TREAD at step 200 spent 150 FLOPs with loss 1.2. No
+    # baseline evaluation at 150 FLOPs: no equal-FLOPs ratio (a straight line through 2.0 and 1.0 would say 0.8).
+    cells = crossover_cells(pd.DataFrame(_rows()))
+    last = cells[cells.step == 200].iloc[0]
+    assert last.ratio_equal_steps == pytest.approx(1.2) and math.isnan(last.ratio_equal_flops)
+    # with the baseline also evaluated at step 300 (300 FLOPs), where TREAD's step 400 lands: 1.1 / 1.4
+    rows = _rows(steps=(200, 300, 400), total=400, base_losses=(2.0, 1.4, 1.0), base_flops=(200, 300, 400),
+                 tread_losses=(2.1, 1.2, 1.1), tread_flops=(150, 225, 300))
     cells = crossover_cells(pd.DataFrame(rows))
-    last = cells[cells.step == 2].iloc[0]
-    assert last.ratio_equal_steps == pytest.approx(1.2) and last.ratio_equal_flops == pytest.approx(0.8)
-    assert math.isnan(cells[cells.step == 1].ratio_equal_flops.iloc[0])  # 75 FLOPs: before the baseline's curve
+    assert cells[cells.step == 400].ratio_equal_flops.iloc[0] == pytest.approx(1.1 / 1.4)
+    points = pair_points(pd.DataFrame(rows))
+    assert points[points.step == 400].baseline_step_equal_flops.iloc[0] == 300
+
+
+def test_cells_that_differ_only_in_batch_or_length_stay_apart_in_the_table_and_the_fit():
+    rows = []
+    for seed in range(3):
+        noise = 0.01 * (seed - 1)
+        rows += _rows(seed=seed, batch=32, steps=(900, 1800), total=1800, tread_losses=(1.1 + noise, 1.05 + noise))
+        rows += _rows(seed=seed, batch=128, steps=(900, 1800), total=1800, tread_losses=(1.05 + noise, 1.0 + noise))
+        rows += _rows(seed=seed, batch=32, steps=(900, 1800, 3600), total=3600, base_flops=(900, 1800, 3600),
+                      base_losses=(1.0, 1.0, 1.0), tread_flops=(600, 1200, 2400), tread_losses=(1.1 + noise, 1.0, 0.95))
+    for r in rows:
+        r["size"] = "XS/4"
+    runs = pd.DataFrame(rows)
+    cells = crossover_cells(runs, ema_decay=0.9)
+    assert set(cells.cell) == {"dit XS/4 b32 1800", "dit XS/4 b128 1800", "dit XS/4 b32 3600"}
+    at_1800 = cells[cells.step == 1800].set_index("cell").ratio_equal_steps
+    assert at_1800["dit XS/4 b32 1800"] == pytest.approx(1.05 / 1.0)  # baseline loss 1.0 at step 1800
+    assert at_1800["dit XS/4 b128 1800"] == pytest.approx(1.0) and at_1800["dit XS/4 b32 3600"] == pytest.approx(1.0)
+    trend = trend_of(pair_points(runs), cells)
+    assert trend.clusters == 9 and "tokens_per_step" in trend.terms and "step" in trend.terms
+
+
+def test_the_ema_warmup_stays_out_of_the_trend():
+    rows = []
+    for seed in range(3):
+        rows += _rows(seed=seed, steps=(300, 900, 1800), total=1800, base_flops=(300, 900, 1800), tread_flops=(200, 600, 1200),
+                      base_losses=(1.0, 1.0, 1.0), tread_losses=(5.0, 1.0 + 0.01 * seed, 1.0 + 0.01 * seed))
+    runs = pd.DataFrame(rows)
+    cells = crossover_cells(runs, ema_decay=0.995)  # 0.995^300 = 22% > 2%: warm-up; 0.995^900 = 1.1%
+    assert list(cells.ema_warmup) == [True, False, False]
+    trend = trend_of(pair_points(runs), cells)
+    assert trend.points == 6 and trend.terms == ["intercept", "step"]
+    assert trend.coef[1] == pytest.approx(0, abs=1e-12)  # the warm-up's 5.0 would tilt it
 
 
 def test_cell_shapes_are_read_off_the_networks():
     assert cell_shape("dit", "XS/4") == (64, 64) and cell_shape("dit", "XS/2") == (64, 256)
     assert cell_shape("dit", "w128/4") == (128, 64) and cell_shape("dit", "w192/4") == (192, 64)
-
-
-def test_the_trend_predicts_at_the_papers_point_only_when_every_axis_varies():
-    from tread_bench.measure.crossover import trend_markdown
-
-    # ratio = 1.2 * (params / 1e6)^-0.05 * (tokens / 64)^-0.02 * (step / 1800)^-0.01, with a little noise:
-    # at 33M parameters, 256 tokens, 400K steps it is 1.2 * 0.839 * 0.973 * 0.947 = 0.928, TREAD better
-    rows = []
-    for k, (p, t, s) in enumerate([(1e6, 64, 1800), (4e6, 64, 1800), (9e6, 64, 1800), (1e6, 256, 1800),
-                                   (1e6, 64, 6000), (1e6, 64, 18000), (4e6, 256, 6000)]):
-        noise = 1 + 0.001 * (-1) ** k
-        rows.append({"params": p, "tokens": t, "step": s,
-                     "ratio_equal_steps": noise * 1.2 * (p / 1e6) ** -0.05 * (t / 64) ** -0.02 * (s / 1800) ** -0.01})
-    cells = pd.DataFrame(rows)
-    text = trend_markdown(cells)
-    assert "Extrapolated to the paper's DiT-S/2 point" in text and "TREAD better" in text
-    assert "no prediction" in trend_markdown(cells[cells.tokens == 64].assign(tokens=64))

@@ -60,6 +60,9 @@ def test_the_protocol_leaves_out_what_only_names_or_lists_runs():
     assert protocol_hash(other_lr) != protocol_hash(snapshot) != protocol_hash(other_seed)
     # where runs are copied from does not change a run: its configuration hash ignores reuse_from
     assert config_hash({**snapshot, "suite": {**snapshot["suite"], "reuse_from": ["b"]}}) == config_hash(snapshot)
+    # nor which seeds a sitting trains or how many at a time (a unit of work: only=... 'suite.seeds=[1]')
+    one_unit = {**snapshot, "suite": {**snapshot["suite"], "seeds": [0], "jobs": 1}}
+    assert config_hash(one_unit) == config_hash(snapshot)
 
 
 def test_an_unknown_source_suite_is_refused_in_one_line(tmp_path):

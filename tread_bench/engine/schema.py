@@ -104,6 +104,8 @@ RULES: Dict[tuple, tuple] = {
     ("train", "compile_blocks"): (one_of("auto", True, False), "auto, true or false (auto: compiled on CUDA only)"),
     ("train", "loader_workers"): (non_negative, ">= 0 (DataLoader processes reading latents; 0: none)"),
     ("eval", "every"): (non_negative, ">= 0 (0: only the final step)"),
+    ("eval", "at"): (lambda a: all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in a),
+                     "a list of positive step counts, e.g. [900, 1800, 3600] (or null)"),
     ("eval", "samples"): (non_negative, ">= 0 (0: no FID)"),
     ("eval", "batch"): (positive, "> 0"),
     ("eval", "sampler_steps"): (positive, "> 0"),
@@ -384,6 +386,7 @@ def validate_suite(cfg: DictConfig) -> Dict[str, DictConfig]:
         raise ConfigError(f"suite.data.limit = {limit} images is below suite.train.global_batch = {batch}: every step "
                           f"would draw images twice; raise suite.data.limit to at least {batch} or lower the batch")
     check_uncond_rate("suite.eval", suite.get("eval") or {})
+    check_flop_match(suite)
     if kind.trains and not cfg.get("plan") and not cfg.get("report"):
         from tread_bench.engine.tracking import check_tracker
 
@@ -394,6 +397,17 @@ def validate_suite(cfg: DictConfig) -> Dict[str, DictConfig]:
     if cfg.get("plan") and (suite.get("train") is None or not suite.get("backbones")):
         raise ConfigError(f"plan=true plans suites that train; suite {suite['name']} (kind {kind_name}) trains nothing")
     return typed
+
+
+def check_flop_match(suite: Mapping) -> None:
+    """suite.eval.flop_match names the method entry whose runs evaluate at the other methods' training FLOPs."""
+    name = (suite.get("eval") or {}).get("flop_match")
+    if name is None:
+        return
+    methods = [m for m, entry in (suite.get("methods") or {}).items() if entry is not None]
+    if name not in methods:
+        raise ConfigError(f"suite.eval.flop_match = {name!r} is not a method of suite {suite['name']}; "
+                          f"{suggest(str(name), methods)}its methods: {', '.join(methods)}")
 
 
 def check_uncond_rate(path: str, spec: Mapping) -> None:

@@ -70,6 +70,9 @@ class RunSpec:
     # set by validate_run from the built network (not fields: they stay out of asdict() and the config hash)
     setting: ClassVar[str] = ""             # the method's own description (Method.describe)
     selection: ClassVar[str] = ""           # the token selection it uses (Method.selection)
+    # set by prepare_runs from suite.eval (tread_bench/engine/eval_steps.py): steps it evaluates at besides
+    # every eval.every steps and its last
+    eval_at: ClassVar[tuple] = ()
 
     @property
     def run_id(self) -> str:
@@ -174,7 +177,10 @@ def prepare_runs(cfg: DictConfig, suite: DictConfig, data_shape, num_classes: in
     """The suite's runs, every one validated on the meta device before any of them runs ("auto" selection
     resolved). With ``only`` the command line's ``only=<text>`` keeps the runs whose folder name holds it; a text
     that matches no run is refused."""
+    from .eval_steps import assign_eval_steps
+
     runs = expand_runs(suite, cfg.scale)
+    every_run = list(runs)
     if only and cfg.get("only"):
         kept = [r for r in runs if cfg.only in r.dir_name]
         if not kept:
@@ -192,6 +198,8 @@ def prepare_runs(cfg: DictConfig, suite: DictConfig, data_shape, num_classes: in
         if run.run_id not in tried:  # once per configuration, not per seed
             tried.add(run.run_id)
             try_plugins(run, data_shape, num_classes)
+    if suite.get("train") is not None:
+        assign_eval_steps(runs, suite, data_shape, num_classes, siblings=every_run)
     return runs
 
 
@@ -283,7 +291,8 @@ DEFAULT_OBJECTIVE = {"name": "edm"}
 # Train keys that cannot change a run's results (how data is read): kept out of the hash.
 _HASH_IGNORED_TRAIN = ("loader_workers",)
 # Suite keys that cannot change a run's results (where finished runs may be copied from: tread_bench/engine/reuse.py).
-_HASH_IGNORED_SUITE = ("reuse_from", "allow_slow_scan")  # allow_slow_scan: the same maths on a slower path
+# seeds and jobs: which runs a sitting trains and how many at a time; each run's own seed is in its RunSpec.
+_HASH_IGNORED_SUITE = ("reuse_from", "allow_slow_scan", "seeds", "jobs")  # allow_slow_scan: the same maths, slower
 
 
 def config_hash(obj) -> str:

@@ -71,7 +71,7 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
               tracker: str = "none", memory: dict | None = None):
     """Train (or resume) one run; returns (summary, trainer); trainer.evals holds the evaluation rows.
 
-    At every evaluation point (suite.eval.every, and the final step), off the training clock: the held-out
+    At every evaluation point (suite.eval.every, run.eval_at and the final step), off the training clock: the held-out
     evaluation loss of the EMA model, a sample grid (same noise and labels for every run and point), and
     FID (at every point, or only the final one with eval.fid_at=final). ``tracker`` (tensorboard, wandb or
     none; tread_bench/engine/tracking.py) logs the training curve, the evaluations and the grids as they happen.
@@ -136,7 +136,7 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
                            tr.step)
 
     try:
-        summary = trainer.train(on_eval=on_eval, eval_every=eval_cfg.every)
+        summary = trainer.train(on_eval=on_eval, eval_every=eval_cfg.every, eval_at=run.eval_at)
     finally:
         if trainer.tracker is not None:
             trainer.tracker.finish()

@@ -113,6 +113,10 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
                 "seed": run.seed, **environment(device), "config_hash": digest}
         pending.append((run, run_dir, snapshot, base))
 
+    if cfg.get("report") and main_process:
+        report_units(cfg, suite, runs, results_dir)
+        if not rows:
+            write_crossover_report(suite, results_dir)
     if main_process and pending:
         announce(cfg, suite, [p[0] for p in pending], finished, results_dir, runs_root)
     fid_prepare = (lambda: FIDEvaluator(eval_cfg, *fid_ref, data.num_classes).prepare_reference()) if fid_ref else None
@@ -203,8 +207,45 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
                     dataset=f"{d.get('name', 'data')} {d.resolution}x{d.resolution}",
                     time_note=f"({suite.jobs} runs at a time shared the CPU: times under load)" if shared else "")
     sample_figures(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"))
-    if suite.get("crossover_tables"):
-        from tread_bench.measure.crossover import write_report
+    write_crossover_report(suite, results_dir)
 
-        for path in write_report([results_dir / name for name in suite.crossover_tables], results_dir):
-            print(f"wrote {path}")
+
+def write_crossover_report(suite: DictConfig, results_dir: Path) -> None:
+    """The crossover map's cells table, trend and figure from the runs tables ``suite.crossover_tables`` names."""
+    if not suite.get("crossover_tables"):
+        return
+    from tread_bench.measure.crossover import write_report
+
+    tables = [results_dir / name for name in suite.crossover_tables]
+    if not any(t.exists() for t in tables):
+        print(f"no crossover runs table in {results_dir} yet: no map")
+        return
+    for path in write_report(tables, results_dir,
+                             float(suite.train.ema_decay)):
+        print(f"wrote {path}")
+
+
+def report_units(cfg: DictConfig, suite: DictConfig, runs: list, results_dir: Path) -> None:
+    """report=true: each unit of work (one backbone entry and seed: its methods' runs, a seed pair) as done or
+    missing in the suite's runs table, with the command that trains a missing one."""
+    table = read_table(results_dir / runs_table_name(suite), RUN_KEY)
+    done = set()
+    if table is not None and "step" in table:
+        ok = table[(table.suite == suite.name) & (table.scale == cfg.scale.name) & (table.status == "ok")]
+        last = ok.groupby(["run_id", "seed"]).step.max()
+        done = {key for key, step in last.items() if step >= int(suite.train.steps)}
+    units: dict = {}
+    for run in runs:
+        units.setdefault((f"{run.backbone}-{run.size.replace('/', '')}-", run.seed), []).append(run)
+    missing_units = 0
+    print(f"units of work of suite {suite.name} (a backbone entry and a seed, every method), by "
+          f"{results_dir / runs_table_name(suite)}:")
+    for (prefix, seed), members in units.items():
+        missing = [r.method for r in members if (r.run_id, r.seed) not in done]
+        if not missing:
+            print(f"  done     {prefix}seed{seed}")
+            continue
+        missing_units += 1
+        print(f"  missing  {prefix}seed{seed} ({', '.join(missing)}): python run_suite.py suite={suite.name} "
+              f"scale={cfg.scale.name} only={prefix} 'suite.seeds=[{seed}]' results_dir={cfg.results_dir}")
+    print(f"{len(units) - missing_units} of {len(units)} units done")

@@ -1,9 +1,14 @@
-"""The crossover map: per cell (a model size of a crossover suite) and evaluation step, TREAD / baseline held-out
-loss at equal steps and at equal training FLOPs, and the FID difference at the cell's final step, each the mean
-over paired seeds with a 95% t interval; the map figure; the log-log trend of the equal-steps ratio against
-parameters, tokens and steps (tread_bench/measure/trend.py).
+"""The crossover map: where TREAD starts to pay, over model size, tokens, tokens per step and training length.
 
-    python -m tread_bench.measure.crossover results/crossover_runs.csv [results/crossover_long_runs.csv ...]
+A cell is one (backbone, size, batch, training length); cells that differ in any of them never merge. Its unit of
+evidence is the seed pair (baseline seed s, TREAD seed s). Per cell and TREAD evaluation step: the TREAD /
+baseline held-out loss ratio at equal steps and at equal training FLOPs, and the FID (KID) difference, each the
+mean over seed pairs with a 95% t interval. Equal FLOPs compares two evaluations (the baseline evaluates where its
+FLOPs equal TREAD's: suite.eval.flop_match, tread_bench/engine/eval_steps.py), never an interpolated curve. Steps
+inside the EMA warm-up (decay^step above 2%: the EMA still holds that much of the initial weights) stay in the
+table, marked, and out of the trend. The trend (tread_bench/measure/trend.py) is clustered by seed pair.
+
+    python -m tread_bench.measure.crossover results/crossover_runs.csv results/crossover_batch_runs.csv ...
 
 writes ``crossover_cells.csv``, ``crossover_trend.md`` and ``crossover_map.png`` beside the first table."""
 from __future__ import annotations
@@ -18,12 +23,16 @@ import pandas as pd
 
 from tread_bench.core.errors import ConfigError
 
-from .speedup import value_at
 from .stats import format_ci, mean_ci
 from .trend import fit_log_trend
 
-#: the paper's DiT-S/2 point (Krause et al., Table 2): 33M parameters, 256 tokens, 400K steps; TREAD better
-PAPER_POINT = {"params": 33e6, "tokens": 256, "steps": 400_000}
+#: the paper's DiT-S/2 point (Krause et al., Table 2): 33M parameters, 256 tokens, batch 256, 400K steps; TREAD better
+PAPER_POINT = {"params": 33e6, "tokens": 256, "tokens_per_step": 256 * 256, "step": 400_000}
+#: the trend's axes, in the order they enter the fit
+AXES = ("params", "tokens", "tokens_per_step", "step")
+#: what the EMA may still hold of the initial weights at a step the trend uses
+EMA_WARMUP_LEFT = 0.02
+CELL_KEY = ["backbone", "size", "batch", "train_steps"]
 
 
 def cell_shape(backbone: str, size: str) -> tuple[int, int]:
@@ -38,117 +47,192 @@ def cell_shape(backbone: str, size: str) -> tuple[int, int]:
     return int(width), int(net.num_tokens)
 
 
-def crossover_cells(runs: pd.DataFrame, baseline: str = "baseline", method: str = "tread") -> pd.DataFrame:
-    """One row per (cell, evaluation step) both methods reached with the same seeds."""
+def in_ema_warmup(step: int, ema_decay: float) -> bool:
+    return ema_decay ** step > EMA_WARMUP_LEFT
+
+
+def with_cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """The finished evaluation rows with their cell's batch (images per step) and training length."""
     if "eval_loss" not in runs:
         return pd.DataFrame()
-    ok = runs[(runs.status == "ok") & runs.eval_loss.notna()]
+    ok = runs[(runs.status == "ok") & runs.step.notna()].copy()
+    ok["batch"] = (ok.images_seen / ok.step).round().astype(int)
+    ok["train_steps"] = ok.steps.astype(int)
+    return ok
+
+
+def cell_label(backbone: str, size: str, batch: int, train_steps: int) -> str:
+    return f"{backbone} {size} b{batch} {train_steps}"
+
+
+def _matched(base: pd.DataFrame, flops: float) -> pd.Series | None:
+    """The baseline evaluation whose training FLOPs equal ``flops`` to within half a step's."""
+    per_step = (base.train_flops / base.step).iloc[0]
+    gap = (base.train_flops - flops).abs()
+    return base.loc[gap.idxmin()] if gap.min() <= per_step / 2 else None
+
+
+def pair_points(runs: pd.DataFrame, baseline: str = "baseline", method: str = "tread") -> pd.DataFrame:
+    """One row per (cell, seed pair, TREAD evaluation step): the ratios and differences of that pair."""
+    ok = with_cells(runs)
     rows = []
-    for (backbone, size), cell in ok.groupby(["backbone", "size"], sort=False):
-        width, tokens = cell_shape(backbone, size)
-        base, other = cell[cell.method == baseline], cell[cell.method == method]
-        seeds = sorted(set(base.seed) & set(other.seed))
-        final = int(min(base.step.max(), other.step.max())) if seeds else 0
-        for step in sorted(set(base.step) & set(other.step)):
-            steps_ratio, flops_ratio, fid_diff = [], [], []
-            for seed in seeds:
-                b, o = base[base.seed == seed].sort_values("step"), other[other.seed == seed].sort_values("step")
-                at_b, at_o = b[b.step == step], o[o.step == step]
-                if at_b.empty or at_o.empty:
-                    continue
-                steps_ratio.append(at_o.eval_loss.iloc[0] / at_b.eval_loss.iloc[0])
-                # the baseline's loss at the training FLOPs TREAD spent by this step (its curve, interpolated)
-                base_at_flops = value_at(b.train_flops, b.eval_loss, at_o.train_flops.iloc[0])
-                flops_ratio.append(at_o.eval_loss.iloc[0] / base_at_flops)
-                if step == final and "fid" in cell and at_o.fid.notna().all() and at_b.fid.notna().all():
-                    fid_diff.append(at_o.fid.iloc[0] - at_b.fid.iloc[0])
-            if not steps_ratio:
-                continue
-            row = {"backbone": backbone, "size": size, "width": width, "tokens": tokens,
-                   "params": int(cell.params.iloc[0]), "step": int(step), "seeds": len(steps_ratio)}
-            for name, values in (("ratio_equal_steps", steps_ratio), ("ratio_equal_flops", flops_ratio),
-                                 ("fid_diff", fid_diff)):
-                mean, half, _ = mean_ci(values)
-                row[name], row[f"{name}_ci95"] = mean, half
-            rows.append(row)
+    for key, cell in ok.groupby(CELL_KEY, sort=False):
+        base_all, other_all = cell[cell.method == baseline], cell[cell.method == method]
+        for seed in sorted(set(base_all.seed) & set(other_all.seed)):
+            b, o = base_all[base_all.seed == seed], other_all[other_all.seed == seed]
+            for _, at_o in o.sort_values("step").iterrows():
+                at_b = b[b.step == at_o.step]
+                row = dict(zip(CELL_KEY, key), params=int(cell.params.iloc[0]), seed=int(seed), step=int(at_o.step),
+                           flops=float(at_o.train_flops))
+                same = at_b.iloc[0] if len(at_b) else None
+                equal = _matched(b, at_o.train_flops)
+                row["baseline_step_equal_flops"] = int(equal.step) if equal is not None else math.nan
+                for metric in ("eval_loss", "fid", "kid"):
+                    mine = at_o.get(metric, math.nan)
+                    for tag, ref in (("equal_steps", same), ("equal_flops", equal)):
+                        theirs = ref.get(metric, math.nan) if ref is not None else math.nan
+                        if metric == "eval_loss":
+                            row[f"ratio_{tag}"] = mine / theirs
+                        else:
+                            row[f"{metric}_diff_{tag}"] = mine - theirs
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
-def trend_of(cells: pd.DataFrame):
-    """The trend fit over the axes the cells vary (of params, tokens, steps), or None when too few cells."""
-    if cells.empty:
+SUMMARISED = ("ratio_equal_steps", "ratio_equal_flops", "fid_diff_equal_steps", "fid_diff_equal_flops",
+              "kid_diff_equal_steps", "kid_diff_equal_flops")
+
+
+def crossover_cells(runs: pd.DataFrame, baseline: str = "baseline", method: str = "tread",
+                    ema_decay: float = 0.995) -> pd.DataFrame:
+    """One row per (cell, TREAD evaluation step): each figure's mean over seed pairs and its 95% t half-width."""
+    points = pair_points(runs, baseline, method)
+    if points.empty:
+        return pd.DataFrame()
+    rows = []
+    for (backbone, size, batch, train_steps, step), at in points.groupby(CELL_KEY + ["step"], sort=False):
+        width, tokens = cell_shape(backbone, size)
+        row = {"cell": cell_label(backbone, size, batch, train_steps), "backbone": backbone, "size": size,
+               "width": width, "tokens": tokens, "batch": int(batch), "tokens_per_step": tokens * int(batch),
+               "train_steps": int(train_steps), "params": int(at.params.iloc[0]), "step": int(step),
+               "ema_warmup": in_ema_warmup(int(step), ema_decay), "seed_pairs": len(at)}
+        for name in SUMMARISED:
+            mean, half, n = mean_ci(at[name])
+            row[name], row[f"{name}_ci95"], row[f"{name}_n"] = mean, half, n
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["tokens_per_step", "params", "train_steps", "step"], kind="stable")
+
+
+def trend_of(points: pd.DataFrame, cells: pd.DataFrame, ratio: str = "ratio_equal_steps"):
+    """The clustered fit of log(``ratio``) over the axes the cells vary, on the (cell, seed pair, step) points
+    outside the EMA warm-up; None when too few seed pairs or axes."""
+    if points.empty or cells.empty:
         return None
-    axes = {name: cells[name].to_numpy(float) for name in ("params", "tokens", "step") if cells[name].nunique() > 1}
+    shape = cells.drop_duplicates(CELL_KEY).set_index(CELL_KEY)[["tokens", "tokens_per_step", "ema_warmup"]]
+    keep = cells[~cells.ema_warmup][CELL_KEY + ["step"]]
+    data = points.merge(keep, on=CELL_KEY + ["step"]).join(shape[["tokens", "tokens_per_step"]], on=CELL_KEY)
+    data = data[np.isfinite(data[ratio])]
+    if data.empty:
+        return None
+    axes = {name: data[name].to_numpy(float) for name in AXES if data[name].nunique() > 1}
     if not axes:
         return None
+    clusters = [(*k, s) for k, s in zip(data[CELL_KEY].itertuples(index=False), data.seed)]
     try:
-        return fit_log_trend(cells.ratio_equal_steps.to_numpy(float), axes)
+        return fit_log_trend(data[ratio].to_numpy(float), axes, clusters)
     except ConfigError:
         return None
 
 
-def trend_markdown(cells: pd.DataFrame) -> str:
-    trend = trend_of(cells)
+def trend_markdown(points: pd.DataFrame, cells: pd.DataFrame, ema_decay: float = 0.995) -> str:
+    first = math.ceil(math.log(EMA_WARMUP_LEFT) / math.log(ema_decay))
     lines = ["# Crossover trend", "",
-             "log(TREAD / baseline held-out loss at equal steps) = b0 + sum_k b_k log(axis_k), least squares over "
-             "every (cell, step) point; 95% t intervals. A ratio below 1 means TREAD is better.", ""]
-    if trend is None:
-        return "\n".join(lines + ["Too few cells varying an axis for a fit."]) + "\n"
-    lines += ["| term | coefficient | 95% interval |", "|---|---|---|"]
-    lines += [f"| {t} | {c:.4g} | ± {h:.2g} |" for t, c, h in zip(trend.terms, trend.coef, trend.ci95)]
-    missing = [a for a in ("params", "tokens", "step") if a not in trend.terms]
-    if missing:  # a prediction along some axes alone would pass for one along all three
-        lines += ["", f"The cells do not vary {', '.join(missing)} yet: no prediction at the paper's DiT-S/2 point "
-                  f"(33M parameters, 256 tokens, 400K steps) until every axis is varied. Residual sd {trend.sigma:.3g} "
-                  f"on {trend.residual_dof} degrees of freedom."]
-        return "\n".join(lines) + "\n"
-    point = {"params": PAPER_POINT["params"], "tokens": PAPER_POINT["tokens"], "step": PAPER_POINT["steps"]}
-    mean, lo, hi = trend.predict(point)
-    verdict = ("TREAD better (ratio < 1), as the paper reports" if hi < 0 else
-               "TREAD worse (ratio > 1), against the paper" if lo > 0 else "undecided: the interval spans 1")
-    lines += ["", f"Extrapolated to the paper's DiT-S/2 point (33M parameters, 256 tokens, 400K steps): ratio "
-              f"{math.exp(mean):.3f} (95% prediction interval {math.exp(lo):.3f} .. {math.exp(hi):.3f}): {verdict}. "
-              f"Residual sd {trend.sigma:.3g} on {trend.residual_dof} degrees of freedom."]
+             "log(TREAD / baseline held-out loss) = b0 + sum_k b_k log(axis_k), least squares over every (cell, seed "
+             f"pair, step) point from step {first} on (before it the EMA, decay {ema_decay}, still holds more than "
+             f"{EMA_WARMUP_LEFT:.0%} of the initial weights), errors clustered by seed pair, 95% t intervals on "
+             "(seed pairs - 1) degrees of freedom (tread_bench/measure/trend.py). A ratio below 1 means TREAD is "
+             "better.", ""]
+    for ratio, title in (("ratio_equal_steps", "At equal steps"), ("ratio_equal_flops", "At equal training FLOPs")):
+        lines += [f"## {title}", ""]
+        trend = trend_of(points, cells, ratio)
+        if trend is None:
+            lines += ["Too few seed pairs or axes for a fit.", ""]
+            continue
+        lines += ["| term | coefficient | 95% interval |", "|---|---|---|"]
+        lines += [f"| {t} | {c:.4g} | ± {h:.2g} |" for t, c, h in zip(trend.terms, trend.coef, trend.ci95)]
+        lines += ["", f"{trend.points} points from {trend.clusters} seed pairs."]
+        missing = [a for a in AXES if a not in trend.terms]
+        if missing:  # a prediction along some axes alone would pass for one along all of them
+            lines += ["", f"The cells do not vary {', '.join(missing)} yet: no prediction at the paper's DiT-S/2 point "
+                      "(33M parameters, 256 tokens, batch 256, 400K steps) until every axis is varied.", ""]
+            continue
+        mean, lo, hi = trend.predict(PAPER_POINT)
+        verdict = ("TREAD better (ratio < 1), as the paper reports" if hi < 0 else
+                   "TREAD worse (ratio > 1), against the paper" if lo > 0 else "undecided: the interval spans 1")
+        lines += ["", f"Extrapolated to the paper's DiT-S/2 point (33M parameters, 256 tokens, batch 256, 400K steps): "
+                  f"ratio {math.exp(mean):.3f} (95% interval of the fitted trend {math.exp(lo):.3f} .. "
+                  f"{math.exp(hi):.3f}): {verdict}. The held-out loss alone never decides it: FID must agree "
+                  "(the cells table).", ""]
     return "\n".join(lines) + "\n"
 
 
+def verdict_lines(cells: pd.DataFrame) -> list[str]:
+    """Per cell, at its last step: what the loss ratio and the FID difference say, and whether they agree."""
+    lines = []
+    for cell, rows in cells.groupby("cell", sort=False):
+        last = rows.loc[rows.step.idxmax()]
+        ratio, half = last.ratio_equal_steps, last.ratio_equal_steps_ci95
+        fid, fid_half = last.fid_diff_equal_steps, last.fid_diff_equal_steps_ci95
+        loss_says = ("no interval (one seed pair)" if not math.isfinite(half) else
+                     "TREAD better" if ratio + half < 1 else "TREAD worse" if ratio - half > 1 else "undecided")
+        fid_says = ("no FID" if not math.isfinite(fid) else "no interval (one seed pair)" if not math.isfinite(fid_half)
+                    else "TREAD better" if fid + fid_half < 0 else "TREAD worse" if fid - fid_half > 0 else "undecided")
+        pays = "TREAD pays" if loss_says == fid_says == "TREAD better" else "TREAD does not pay yet"
+        lines.append(f"- {cell}, step {int(last.step)}, {int(last.seed_pairs)} seed pairs: loss ratio "
+                     f"{format_ci(ratio, half)} ({loss_says}); FID difference {format_ci(fid, fid_half)} "
+                     f"({fid_says}): {pays} at equal steps.")
+    return lines
+
+
 def plot_map(cells: pd.DataFrame, path: str | Path) -> Path:
-    """Left: the equal-steps ratio at each cell's final step over (width, tokens); right: the ratio against
-    parameters, tokens and steps with 95% bands."""
+    """The loss ratio and the FID difference at each cell's last step against parameters, tokens and tokens per
+    step, and every cell's ratio over its evaluation steps; 95% intervals over seed pairs as bars, warm-up steps
+    hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    final = cells.loc[cells.groupby(["backbone", "size"]).step.idxmax()]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    grid = final.pivot_table(index="tokens", columns="width", values="ratio_equal_steps")
-    im = axes[0].imshow(grid.to_numpy(), cmap="RdBu_r", vmin=0.9, vmax=1.1, origin="lower")
-    axes[0].set_xticks(range(len(grid.columns)), grid.columns)
-    axes[0].set_yticks(range(len(grid.index)), grid.index)
-    for (i, j), v in np.ndenumerate(grid.to_numpy()):
-        if math.isfinite(v):
-            axes[0].text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=9)
-    axes[0].set_xlabel("width")
-    axes[0].set_ylabel("tokens")
-    axes[0].set_title("TREAD / baseline held-out loss, final step")
-    fig.colorbar(im, ax=axes[0])
-    for ax, axis, label in zip(axes[1:], ("params", "tokens", "step"), ("parameters", "tokens", "training steps")):
-        if axis == "step":  # each cell's curve over its evaluation steps
-            curves = [(f"{b} {s}", c) for (b, s), c in cells.groupby(["backbone", "size"], sort=False)]
-        else:  # the final steps, across cells
-            curves = [("final step", final)]
-        for label_, cell in curves:
-            cell = cell.sort_values(axis)
-            ax.errorbar(cell[axis], cell.ratio_equal_steps, yerr=cell.ratio_equal_steps_ci95.fillna(0), marker="o",
-                        capsize=3, label=label_)
-        ax.axhline(1.0, color="grey", lw=0.8)
+    final = cells.loc[cells.groupby("cell", sort=False).step.idxmax()]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    for row, (metric, ylabel, level) in enumerate((("ratio_equal_steps", "TREAD / baseline loss", 1.0),
+                                                   ("fid_diff_equal_steps", "FID TREAD - baseline", 0.0))):
+        for ax, axis, label in zip(axes[row][:3], AXES[:3], ("parameters", "tokens", "tokens per step")):
+            for _, r in final.iterrows():
+                ax.errorbar([r[axis]], [r[metric]], yerr=[np.nan_to_num(r[f"{metric}_ci95"])], marker="o", capsize=3,
+                            label=r.cell)
+            ax.axhline(level, color="grey", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"{ylabel}, last step")
+            ax.grid(alpha=0.3)
+        ax = axes[row][3]
+        for cell, c in cells.groupby("cell", sort=False):
+            c = c.sort_values("step")
+            c = c[np.isfinite(c[metric])]
+            if c.empty:
+                continue
+            line = ax.errorbar(c.step, c[metric], yerr=np.nan_to_num(c[f"{metric}_ci95"]), capsize=3, label=cell)
+            warm = c[c.ema_warmup]
+            ax.plot(warm.step, warm[metric], "o", mfc="white", color=line[0].get_color())
+        ax.axhline(level, color="grey", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("TREAD / baseline (equal steps)")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("training steps (hollow: EMA warm-up, not in the trend)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.suptitle("Fashion-MNIST 32x32, DiT: where does TREAD r(2->depth-4)@0.5 pay? mean over seeds, 95% t intervals")
+    axes[0][0].legend(fontsize=7)
+    axes[0][3].legend(fontsize=7)
+    fig.suptitle("DiT on Fashion-MNIST 32x32: does TREAD r(2->depth-4)@0.5 pay? Mean over seed pairs, 95% t intervals")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
@@ -156,29 +240,32 @@ def plot_map(cells: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def write_report(tables: Sequence[str | Path], out_dir: str | Path | None = None) -> list[Path]:
+def write_report(tables: Sequence[str | Path], out_dir: str | Path | None = None,
+                 ema_decay: float = 0.995) -> list[Path]:
     """The cells table, trend and map of the crossover runs tables ``tables``; written to ``out_dir`` (default:
     the first table's folder)."""
     frames = [pd.read_csv(t) for t in tables if Path(t).exists()]
     if not frames:
         raise ConfigError(f"no crossover runs table found among {', '.join(map(str, tables))}; run "
                           "python run_suite.py suite=crossover first")
-    cells = crossover_cells(pd.concat(frames, ignore_index=True))
+    runs = pd.concat(frames, ignore_index=True)
+    points, cells = pair_points(runs), crossover_cells(runs, ema_decay=ema_decay)
     out = Path(out_dir or Path(tables[0]).parent)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "crossover_cells.csv", out / "crossover_trend.md"]
     cells.to_csv(written[0], index=False)
     if cells.empty:
-        written[1].write_text(trend_markdown(cells) + "\nNo cell has both methods at a common step yet.\n")
+        written[1].write_text(trend_markdown(points, cells, ema_decay) + "\nNo cell has both methods yet.\n")
         return written
-    show = cells.assign(**{c: [format_ci(m, h) for m, h in zip(cells[c], cells[f"{c}_ci95"])]
-                           for c in ("ratio_equal_steps", "ratio_equal_flops", "fid_diff")})
-    body = trend_markdown(cells) + "\n## Cells\n\n" + show[["backbone", "size", "width", "tokens", "params", "step",
-                                                            "seeds", "ratio_equal_steps", "ratio_equal_flops",
-                                                            "fid_diff"]].to_markdown(index=False) + "\n"
+    shown = ("ratio_equal_steps", "ratio_equal_flops", "fid_diff_equal_steps", "fid_diff_equal_flops")
+    show = cells.assign(**{c: [format_ci(m, h) for m, h in zip(cells[c], cells[f"{c}_ci95"])] for c in shown})
+    show["warm-up"] = show.ema_warmup.map({True: "yes", False: ""})
+    body = (trend_markdown(points, cells, ema_decay) + "## Verdict per cell (loss and FID must agree)\n\n"
+            + "\n".join(verdict_lines(cells)) + "\n\n## Cells\n\n"
+            + show[["cell", "width", "tokens", "batch", "params", "step", "warm-up", "seed_pairs", *shown]]
+            .to_markdown(index=False) + "\n")
     written[1].write_text(body)
-    if len(cells):
-        written.append(plot_map(cells, out / "crossover_map.png"))
+    written.append(plot_map(cells, out / "crossover_map.png"))
     return written
 
 
@@ -186,8 +273,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("tables", nargs="+")
     p.add_argument("--out", default=None)
+    p.add_argument("--ema-decay", type=float, default=0.995, help="the runs' EMA decay (warm-up steps leave the trend)")
     args = p.parse_args()
-    for path in write_report(args.tables, args.out):
+    for path in write_report(args.tables, args.out, args.ema_decay):
         print(f"wrote {path}")
 
 

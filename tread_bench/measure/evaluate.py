@@ -32,6 +32,10 @@ VAE_UPSAMPLING = 8
 @dataclass
 class EvalConfig:
     every: int = 0               # evaluate every N training steps (0 = only the final step when samples > 0)
+    at: Optional[list] = None    # and at these steps (e.g. log-spaced over a long run)
+    # a method entry's name: its runs also evaluate at the steps where their training FLOPs equal another method's
+    # (same backbone, size and seed) at that method's evaluation steps (tread_bench/engine/eval_steps.py)
+    flop_match: Optional[str] = None
     samples: int = 0             # images generated per evaluation (0 = no FID)
     batch: int = 250
     sampler_steps: int = 40

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -291,12 +291,15 @@ class Trainer:
         self.window.extend(values)
 
     # -- the loop ----------------------------------------------------------------------------
-    def train(self, on_eval: Optional[Callable[["Trainer"], None]] = None, eval_every: int = 0) -> dict:
+    def train(self, on_eval: Optional[Callable[["Trainer"], None]] = None, eval_every: int = 0,
+              eval_at: Sequence[int] = ()) -> dict:
+        """Train to cfg.steps, calling ``on_eval`` every ``eval_every`` steps, at the steps ``eval_at`` and at the
+        final step."""
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.run_dir.name, disable=not self.acc.is_main_process,
                    dynamic_ncols=True, leave=False)
         try:
-            measured_steps, measured_time = self._train_loop(bar, on_eval, eval_every)
+            measured_steps, measured_time = self._train_loop(bar, on_eval, eval_every, frozenset(eval_at))
         finally:
             self._close_loader()
         bar.close()
@@ -311,7 +314,7 @@ class Trainer:
             "samples_per_s": (measured_steps * cfg.global_batch / measured_time) if measured_time else float("nan"),
         }
 
-    def _train_loop(self, bar, on_eval, eval_every) -> tuple[int, float]:
+    def _train_loop(self, bar, on_eval, eval_every, eval_at) -> tuple[int, float]:
         """Train to cfg.steps; returns (steps, seconds) counted for samples/s (warm-up steps excluded)."""
         cfg = self.cfg
         measured_time, measured_steps = 0.0, 0
@@ -321,7 +324,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.unread.append(self.train_step())
             logging = self.step % cfg.log_every == 0 or self.step == cfg.steps
-            evaluating = bool(eval_every and on_eval and self.step % eval_every == 0)
+            evaluating = bool(on_eval and ((eval_every and self.step % eval_every == 0) or self.step in eval_at))
             saving = bool(cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
             if logging or evaluating or saving:
                 self.read_losses()  # the loop's one sync: on the clock, so wall time includes the device's work
