@@ -65,3 +65,33 @@ def build_denoiser(backbone: str, size: str, data_shape, num_classes: int, route
     net = build_network(backbone, size, data_shape, num_classes, "tread", seed=seed, fp32_after_route=fp32_after_route,
                         overrides=backbone_overrides, routes=routes, selection=selection)
     return build_objective("edm").wrap(net)
+
+
+def descendants(pid: int) -> set:
+    """The pids of every live process below ``pid`` (from /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids) -> set:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":  # a zombie has exited; only its parent's wait is missing
+            out.add(pid)
+    return out

@@ -30,13 +30,19 @@ BAD = [
      'e.g. routes: ["2->8@0.5"]'),
     ("+suite.methods.tread.rotues=[]", "unknown key 'suite.methods.tread.rotues' for a method of kind tread; did you "
      "mean 'routes'? its keys are: kind, backbones, routes, selection, schedule"),
-    ("suite.train.steps=0", "suite.train.steps = 0: must be > 0 (training steps); e.g. suite.train.steps=1000"),
+    ("suite.train.steps=0", "suite.train.steps = 0: must be > 0 (training steps) and at most 10^9; e.g. suite.train.steps=1000"),
     ("suite.train.steps=abc", "suite.train.steps: Value 'abc' of type 'str' could not be converted to Integer; "
      "e.g. suite.train.steps=1000"),
     ("suite.train.global_batch=0", "suite.train.global_batch = 0: must be > 0 (images per step, all processes "
      "together); e.g. suite.train.global_batch=256"),
-    ("suite.train.lr=-1", "suite.train.lr = -1: must be > 0 (AdamW learning rate); e.g. suite.train.lr=0.0001"),
+    ("suite.train.lr=-1", "suite.train.lr = -1: must be > 0 and <= 1 (AdamW learning rate); e.g. suite.train.lr=0.0001"),
     ('suite.train.lr="0.001"', "suite.train.lr = '0.001' is a str; write it as 0.001"),
+    ("suite.train.lr=inf", "suite.train.lr = inf: must be a finite number; e.g. suite.train.lr=0.0001"),
+    ("suite.train.lr=nan", "suite.train.lr = nan: must be a finite number; e.g. suite.train.lr=0.0001"),
+    ("suite.train.lr=2.0", "suite.train.lr = 2.0: must be > 0 and <= 1 (AdamW learning rate); e.g. suite.train.lr=0.0001"),
+    ("+suite.train.grad_clip=-inf", "suite.train.grad_clip = -inf: must be a finite number; set suite.train.grad_clip"),
+    ("suite.train.steps=1000000000000", "suite.train.steps = 1000000000000: must be > 0 (training steps) and at most "
+     "10^9; 1,000,000,000,000 steps would take 32 years even at 1 ms a step; e.g. suite.train.steps=1000"),
     ("suite.train.ema_decay=1.0", "suite.train.ema_decay = 1.0: must be in [0, 1); e.g. suite.train.ema_decay=0.9999"),
     ("+suite.train.stepz=3", "unknown key 'suite.train.stepz'; did you mean 'steps'? the keys of suite.train are: "
      "steps, global_batch, lr, betas, weight_decay, ema_decay, label_dropout, precision, tf32, route_aware_loss, "
@@ -209,6 +215,15 @@ def test_output_folders_that_cannot_be_folders_are_refused_before_anything_is_wr
             run(base + [override])
         assert str(err.value) == message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_for_root_too(tmp_path):
+    # /proc takes no new folder, whatever the user: os.access would say root may write there
+    with pytest.raises(ConfigError) as err:
+        run(["suite=smoke", "scale=tiny", "results_dir=/proc/x", f"runs_dir={tmp_path}/runs"])
+    assert str(err.value).startswith("results_dir=/proc/x cannot be created in /proc (")
+    assert str(err.value).endswith("); give results_dir a folder you can write")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("override, message", [

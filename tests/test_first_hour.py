@@ -10,7 +10,8 @@ from tread_bench.engine.spec import RunSpec
 from tread_bench.engine.tables import COMMITTED_RESULTS, committed_training_time
 from tread_bench.engine.training import Progress
 from tread_bench.kinds.train import progress_of
-from suite_helpers import run
+from tread_bench.engine.spec import resolve_suite
+from suite_helpers import compose_suite, run
 
 
 def test_a_sitting_announces_its_runs_and_files_and_counts_them_as_they_finish(tmp_path, capsys):
@@ -25,13 +26,24 @@ def test_a_sitting_announces_its_runs_and_files_and_counts_them_as_they_finish(t
 def test_the_estimate_is_the_committed_tables_measured_training_time():
     """Against the committed CPU study's table read by hand: the final wall_time_s of the two runs, summed."""
     table = pd.read_csv(COMMITTED_RESULTS / "arch_agnostic_runs.csv")
-    suite = OmegaConf.create({"name": "arch_agnostic"})
+    suite = resolve_suite(compose_suite(["suite=arch_agnostic", "scale=cpu"]))
     runs = [RunSpec("arch_agnostic", "cpu", "dit", "XS/4", m, "tread", seed=1) for m in ("baseline", "tread")]
     mine = table[(table.scale == "cpu") & (table.seed == 1) & table.run_id.isin(["dit-XS4-baseline", "dit-XS4-tread"])]
     by_hand = mine.groupby("run_id").wall_time_s.max().sum()
     seconds, device, found = committed_training_time(suite, "cpu", runs)
     assert found == 2 and abs(seconds - by_hand) < 1e-9 and device == mine.device.iloc[0]
     assert committed_training_time(suite, "tiny", runs) is None  # no committed tiny runs: no estimate
+
+
+def test_a_run_configured_otherwise_than_the_committed_one_gets_no_estimate(capsys):
+    runs = [RunSpec("crossover", "full", "dit", "XS/4", m, "tread", seed=0) for m in ("baseline", "tread")]
+    suite = resolve_suite(compose_suite(["suite=crossover"]))
+    assert committed_training_time(suite, "full", runs)[2] == 2  # batch 32, 1,800 steps: the committed runs
+    for change in ("suite.train.global_batch=128", "suite.train.steps=3600", "suite.data.resolution=28"):
+        assert committed_training_time(resolve_suite(compose_suite(["suite=crossover", change])), "full", runs) is None
+    other_route = RunSpec("crossover", "full", "dit", "XS/4", "tread", "tread", seed=0)
+    other_route.setting = "r(1->3)@0.5"
+    assert committed_training_time(suite, "full", [other_route]) is None
 
 
 def test_progress_counts_runs_and_estimates_the_rest_at_the_pace_so_far(capsys, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 
 from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
-from suite_helpers import kill_once_logged
+from suite_helpers import alive, descendants, kill_once_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -274,36 +274,6 @@ def test_two_invocations_on_one_runs_dir_train_each_run_once(tmp_path):
     b = pd.read_csv(tmp_path / "two" / "results" / "smoke.csv").set_index("run_id")
     assert sorted(b.index) == sorted(a.index) and b.status.eq("ok").all()
     assert np.array_equal(a.loc[b.index, "final_loss"].values, b.final_loss.values)
-
-
-def descendants(pid: int) -> set:
-    """The pids of every live process below ``pid`` (from /proc)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pids) -> set:
-    out = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":  # a zombie has exited; only its parent's wait is missing
-            out.add(pid)
-    return out
 
 
 TWO_WORKERS = ["suite=smoke", "scale=tiny", "+suite.jobs=2", "suite.train.steps=60", "suite.train.log_every=1",

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
+import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,18 +22,60 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While inside: SIGINT and SIGTERM raise :class:`Stopped` in the main thread (call it from there)."""
+    """While inside: the first SIGINT or SIGTERM raises :class:`Stopped` in the main thread (call it from there);
+    from then on both are ignored, so a second Ctrl-C can neither interrupt the stop nor print a traceback."""
+    stopped = []
+
     def stop(signum, frame):
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        stopped.append(signum)
         raise Stopped(signum)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if not stopped:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+@contextmanager
+def spawning_children() -> Iterator[None]:
+    """Around starting child processes (in the main thread): SIGINT and SIGTERM are held, not lost (delivered as
+    the block ends), and SIGINT is ignored, which a spawned child inherits from birth. A Ctrl-C then reaches the
+    suite, which ends its children itself (:func:`end_children`), and never a child still importing torch."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Linux keeps a blocked signal pending even if ignored
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def end_children(grace: float = 3.0) -> None:
+    """End every live child process multiprocessing started here, whether still starting up or working: SIGTERM,
+    then SIGKILL for any alive after ``grace`` seconds; each is reaped."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join(1.0)
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tread_bench.core.errors import ConfigError
-from tread_bench.core.processes import Stopped, die_with_parent
+from tread_bench.core.processes import Stopped, die_with_parent, spawning_children
 from tread_bench.measure.memory import peak_rss_mib, rss_mib
 from tread_bench.measure.results import environment, tables_lock, upsert_csv, write_markdown
 from tread_bench.training.checkpoint import CHECKPOINT_PATHS
@@ -60,7 +60,8 @@ def run_in_fresh_process(fn: Callable, *args):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, results, os.getpid()))
-    proc.start()
+    with spawning_children():  # a Ctrl-C meanwhile reaches this process, never the child still starting up
+        proc.start()
     outcome = None
     try:
         while outcome is None:  # read before joining: a child blocks on exit until its queued result is read

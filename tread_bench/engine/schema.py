@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import math
 import os
+import tempfile
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
@@ -80,6 +81,16 @@ DRYRUN_SUITES = ("dit_scaling", "arch_agnostic", "selection_rate", "route_ablati
 NOT_IN_SUITE = {"train": {"seed": "set the seed with suite.seed=<s> or suite.seeds=[...]"}}
 
 
+#: more training steps than any plausible run (DiT-XL/2 trained 7M): a typo, refused with what it would cost
+MAX_STEPS = 10**9
+
+
+def steps_must(steps) -> str:
+    years = steps * 1e-3 / (365.25 * 86400) if isinstance(steps, (int, float)) else 0
+    cost = f"; {steps:,} steps would take {years:,.0f} years even at 1 ms a step" if years >= 1 else ""
+    return f"> 0 (training steps) and at most 10^9{cost}"
+
+
 def positive(x): return x > 0
 def non_negative(x): return x >= 0
 def _unit(x): return 0 <= x < 1
@@ -88,9 +99,9 @@ def one_of(*options): return lambda x: x in options
 
 #: (section, key) -> (test, what the value must be); values None pass (optional keys)
 RULES: Dict[tuple, tuple] = {
-    ("train", "steps"): (positive, "> 0 (training steps)"),
+    ("train", "steps"): (lambda n: 0 < n <= MAX_STEPS, None),  # what it must be: steps_must
     ("train", "global_batch"): (positive, "> 0 (images per step, all processes together)"),
-    ("train", "lr"): (positive, "> 0 (AdamW learning rate)"),
+    ("train", "lr"): (lambda lr: 0 < lr <= 1, "> 0 and <= 1 (AdamW learning rate)"),
     ("train", "weight_decay"): (non_negative, ">= 0"),
     ("train", "betas"): (lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
     ("train", "ema_decay"): (_unit, "in [0, 1)"),
@@ -203,10 +214,15 @@ def _default(schema: type, key: str):
 def _check_values(path: str, section: str, values: Mapping, written: Mapping, schema: type,
                   rules: Optional[Mapping[str, tuple]] = None) -> None:
     for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):  # every float key: nan and inf never mean a setting
+            default = _default(schema, key)
+            fix = f"e.g. {path}.{key}={default}" if isinstance(default, (int, float)) else f"set {path}.{key}"
+            raise ConfigError(f"{path}.{key} = {written[key]}: must be a finite number; {fix}")
         rule = rules.get(key) if rules is not None else RULES.get((section, key))
         if rule is None or value is None:
             continue
         test, must = rule
+        must = steps_must(value) if must is None else must
         try:
             ok = test(value) and not (isinstance(value, float) and math.isnan(value))
         except TypeError:
@@ -266,7 +282,8 @@ def root_keys() -> List[str]:
 
 
 def check_output_folder(key: str, path: str) -> None:
-    """``path`` is a folder this process can write, or one it can create (nothing is created here)."""
+    """``path`` is a folder this process can write, or one it can create: a folder is made and removed in it, or in
+    the nearest folder above it that exists (nothing is left behind)."""
     folder = Path(path)
     existing = folder
     while not existing.exists() and existing != existing.parent:
@@ -274,9 +291,12 @@ def check_output_folder(key: str, path: str) -> None:
     if not existing.is_dir():
         where = "is a file" if existing == folder else f"is under {existing}, which is a file"
         raise ConfigError(f"{key}={path} {where}, not a folder; give {key} a folder path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        made = "" if existing == folder else f" (it would be made in {existing})"
-        raise ConfigError(f"{key}={path} cannot be written by this user{made}; give {key} a folder you can write")
+    try:  # tried, not asked (os.access): root passes every permission check, yet cannot write in /proc
+        probe = tempfile.mkdtemp(prefix=".tread-write-probe-", dir=existing)
+    except OSError as err:
+        what = "cannot be written" if existing == folder else f"cannot be created in {existing}"
+        raise ConfigError(f"{key}={path} {what} ({err.strerror}); give {key} a folder you can write") from None
+    os.rmdir(probe)
 
 
 def check_root(cfg: DictConfig) -> None:

@@ -34,9 +34,11 @@ def runs_table_name(suite) -> str:
 
 
 def committed_training_time(suite, scale: str, runs: list):
-    """(seconds, device, runs found): the summed final training time (``wall_time_s``, evaluation excluded) of
-    ``runs`` in the committed reference table of a training suite (results/<suite>_runs.csv) at ``scale``, or None
-    when it holds none of them: what a sitting will take, measured, on the machine that made the table."""
+    """(seconds, device, runs found): the summed final training time (``wall_time_s``, evaluation excluded) of the
+    ``runs`` whose configuration the committed reference table of a training suite (results/<suite>_runs.csv) holds
+    at ``scale``: the same run (run id, seed, method setting), training steps and images per step, and the same
+    data as the committed resolved suite (results/<suite>_<scale>_config.yaml). None when it holds none of them: a
+    run configured otherwise gets no estimate rather than the time of another configuration."""
     table = COMMITTED_RESULTS / runs_table_name(suite)
     try:
         committed = read_table(table, ["suite", "scale", "run_id", "seed"])
@@ -44,9 +46,34 @@ def committed_training_time(suite, scale: str, runs: list):
         return None
     if committed is None or "wall_time_s" not in committed:
         return None
+    if not _same_data(suite, COMMITTED_RESULTS / f"{suite.name}_{scale}_config.yaml"):
+        return None
     rows = committed[(committed.suite == suite.name) & (committed.scale == scale) & (committed.status == "ok")]
-    last = rows.groupby(["run_id", "seed"]).wall_time_s.max()
-    found = [last[(run.run_id, run.seed)] for run in runs if (run.run_id, run.seed) in last.index]
+    last = rows.sort_values("step").groupby(["run_id", "seed"]).tail(1).set_index(["run_id", "seed"])
+    train = suite.get("train") or {}
+    steps, batch = train.get("steps"), train.get("global_batch")
+    found = []
+    for run in runs:
+        if (run.run_id, run.seed) not in last.index:
+            continue
+        row = last.loc[(run.run_id, run.seed)]
+        if steps is not None and int(row.step) != int(steps):
+            continue
+        if batch is not None and round(row.images_seen / row.step) != int(batch):
+            continue
+        if run.setting and "setting" in row and row.setting != run.setting:
+            continue
+        found.append(float(row.wall_time_s))
     if not found:
         return None
     return float(sum(found)), str(rows.device.iloc[0]), len(found)
+
+
+def _same_data(suite, committed_config: Path) -> bool:
+    """Whether ``suite`` reads the data the committed study read (True when either side does not say)."""
+    if suite.get("data") is None or not committed_config.exists():
+        return True
+    theirs = OmegaConf.load(committed_config).get("data")
+    if theirs is None:
+        return True
+    return OmegaConf.to_container(theirs, resolve=True) == OmegaConf.to_container(suite.data, resolve=True)

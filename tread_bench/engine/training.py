@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 import traceback
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
-from tread_bench.core.processes import Stopped, die_with_parent
+from tread_bench.core.processes import Stopped, die_with_parent, end_children, spawning_children
 from tread_bench.measure.memory import rss_mib
 
 from .resume import RunBusy, run_lock
@@ -195,10 +194,9 @@ def _train_rows(run, suite, data, run_dir, device, snapshot, base, tracker, memo
         return [{**base, "status": "failed", "error": reason}], False
 
 
-def _start_worker(parent_pid: int, pids) -> None:
-    """A pool worker's initializer: it dies with the suite's process and reports its pid, so a stop can end it."""
+def _start_worker(parent_pid: int) -> None:
+    """A pool worker's initializer: it dies with the suite's process, even by kill -9."""
     die_with_parent(parent_pid)
-    pids.put(os.getpid())
 
 
 def _worker(job: dict) -> tuple[list[dict], bool]:
@@ -307,12 +305,13 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         print(f"training {len(pending)} runs in {jobs} worker processes, {threads} thread(s) each")
-        context = get_context("spawn")
-        pids = context.SimpleQueue()
-        pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), pids))
+        pool, stopping = None, False
         try:
-            futures = [(run, base, pool.submit(_worker, job(run, run_dir, snapshot, base, threads)))
-                       for run, run_dir, snapshot, base in pending]
+            with spawning_children():  # the workers start here, at submit; a signal meanwhile waits for the end
+                pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_start_worker,
+                                           initargs=(os.getpid(),))
+                futures = [(run, base, pool.submit(_worker, job(run, run_dir, snapshot, base, threads)))
+                           for run, run_dir, snapshot, base in pending]
             for run, base, future in futures:
                 try:
                     run_rows, ok = future.result()
@@ -326,12 +325,10 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
                 rows.extend(run_rows)
                 failures += [] if ok else [run.dir_name]
         except Stopped:
-            while not pids.empty():  # every worker started so far: stopped now, not after its run
-                try:
-                    os.kill(pids.get(), signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            stopping = True
+            end_children()  # every worker, reported or still starting up: its last checkpoint is consistent
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=not stopping, cancel_futures=True)
     return rows, failures

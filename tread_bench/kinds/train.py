@@ -159,7 +159,10 @@ def announce(cfg: DictConfig, suite: DictConfig, pending: list, finished: int, r
     print(f"{suite.name} ({cfg.scale.name}): {len(pending)} runs to train, {jobs} at a time"
           + (f" ({finished} finished earlier)" if finished else ""))
     estimate = committed_training_time(suite, cfg.scale.name, pending)
-    if estimate is not None:
+    if estimate is None:
+        print("  estimated time: no estimate (the committed tables hold no run of this configuration: same run, "
+              "steps, batch and data)")
+    else:
         seconds, device, found = estimate
         print(f"  estimated time: about {max(1, round(seconds / jobs / 60))} min of training for the {found} of them "
               f"the committed reference tables hold (their measured training time on {device}, {jobs} at a time; "

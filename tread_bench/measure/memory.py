@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from tread_bench.core.processes import die_with_parent
+from tread_bench.core.processes import die_with_parent, spawning_children
 
 #: bytes per parameter kept for the whole run, fp32 in mixed precision too
 STATE_BYTES_PER_PARAM = {"weights": 4, "grads": 4, "adamw": 8, "ema": 4}
@@ -140,7 +140,8 @@ def measure_cpu_peak(build, data_shape, num_classes: int, batch: int, steps: int
     queue = ctx.Queue()
     proc = ctx.Process(target=_probe, args=(build, data_shape, num_classes, batch, steps, precision, queue,
                                              os.getpid()))
-    proc.start()
+    with spawning_children():
+        proc.start()
     try:
         value = queue.get(timeout=timeout)
     finally:  # also on a stop (SIGINT, SIGTERM) or a timeout: the probe does not outlive the call

@@ -132,14 +132,17 @@ def save_checkpoint(folder, model: torch.nn.Module, ema: torch.nn.Module, state:
     (folder.parent / OLD_FORMAT_FILE).unlink(missing_ok=True)  # the folder just saved replaces it
 
 
-def _unpickler_reason(err: BaseException) -> str | None:
-    """What torch's weights_only unpickler reports (the refused global, or the bad opcode), or None."""
+def _refused_object(err: BaseException) -> str | None:
+    """The object torch's weights_only unpickler refused (one line of its message), or None when ``err`` is not
+    such a refusal. Only that line: the rest of torch's message suggests loading the file unsafely."""
     text = str(err)
-    if "WeightsUnpickler error:" not in text:
+    if "Weights only load failed" not in text and "WeightsUnpickler error" not in text:
         return None
-    tail = text.split("WeightsUnpickler error:", 1)[1]
-    line = next((x.strip() for x in tail.splitlines() if x.strip()), "")
-    return line.split(". Please use")[0]
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    for line in lines:
+        if line.startswith(("Trying to load unsupported GLOBAL", "Unsupported global", "WeightsUnpickler error")):
+            return line.split(". Please use")[0].split(" was not an allowed global")[0]
+    return "an object torch.load(weights_only=True) does not load"
 
 
 def _load_state(file: Path, folder: Path) -> dict:
@@ -147,12 +150,12 @@ def _load_state(file: Path, folder: Path) -> dict:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise _error(file, "missing", err, folder) from None
-    except Exception as err:  # corrupt, truncated, or refused by weights_only (a pickled object)
-        reason = _unpickler_reason(err)
-        if reason and reason.startswith("Unsupported global"):
-            raise _error(file, "refused by torch.load(weights_only=True), which loads only tensors and plain "
-                         "values", reason, folder) from None
-        raise _error(file, "corrupt or truncated", reason or err, folder) from None
+    except Exception as err:  # corrupt, truncated, or a pickled object (refused by weights_only, never run)
+        refused = _refused_object(err)
+        if refused is not None:
+            raise _error(file, "not plain tensors and values: it holds a pickled object, which is never loaded "
+                         "since loading it could run its code", refused, folder) from None
+        raise _error(file, "corrupt or truncated", err, folder) from None
     if not isinstance(state, dict) or "step" not in state:
         raise _error(file, "unreadable", "not a training state (no 'step')", folder)
     return state
