@@ -96,6 +96,12 @@ def test_cells_that_differ_only_in_batch_or_length_stay_apart_in_the_table_and_t
     assert at_1800["dit XS/4 b128 1800"] == pytest.approx(1.0) and at_1800["dit XS/4 b32 3600"] == pytest.approx(1.0)
     trend = trend_of(pair_points(runs), cells)
     assert trend.clusters == 9 and "tokens_per_step" in trend.terms and "step" in trend.terms
+    # a cell of one seed pair is tabled but stays out of the fit: it alone would set its axis's slope
+    lone = [{**r, "size": "w192/4", "params": 90} for r in _rows(seed=0, steps=(900, 1800), total=1800)]
+    with_lone = pd.concat([runs, pd.DataFrame(lone)], ignore_index=True)
+    cells = crossover_cells(with_lone, ema_decay=0.9)
+    assert "dit w192/4 b32 1800" in set(cells.cell)
+    assert trend_of(pair_points(with_lone), cells).clusters == 9
 
 
 def test_the_ema_warmup_stays_out_of_the_trend():

@@ -33,6 +33,8 @@ AXES = ("params", "tokens", "tokens_per_step", "step")
 #: what the EMA may still hold of the initial weights at a step the trend uses
 EMA_WARMUP_LEFT = 0.02
 CELL_KEY = ["backbone", "size", "batch", "train_steps"]
+#: seed pairs a cell needs to enter the trend (the protocol's minimum per cell)
+MIN_PAIRS = 3
 
 
 def cell_shape(backbone: str, size: str) -> tuple[int, int]:
@@ -124,17 +126,26 @@ def crossover_cells(runs: pd.DataFrame, baseline: str = "baseline", method: str 
 
 
 def trend_of(points: pd.DataFrame, cells: pd.DataFrame, ratio: str = "ratio_equal_steps"):
-    """The clustered fit of log(``ratio``) over the axes the cells vary, on the (cell, seed pair, step) points
-    outside the EMA warm-up; None when too few seed pairs or axes."""
+    """The clustered fit of log(``ratio``) over the axes the cells vary independently (of params, tokens, tokens per
+    step, steps), on the (cell, seed pair, step) points outside the EMA warm-up of the cells with at least
+    MIN_PAIRS seed pairs; None when too few seed pairs or axes. A cell of one pair would set its axis's slope
+    alone, with no spread between pairs to say how far to trust it."""
     if points.empty or cells.empty:
         return None
+    enough = cells[cells.seed_pairs >= MIN_PAIRS][CELL_KEY].drop_duplicates()
+    points = points.merge(enough, on=CELL_KEY)
     shape = cells.drop_duplicates(CELL_KEY).set_index(CELL_KEY)[["tokens", "tokens_per_step", "ema_warmup"]]
     keep = cells[~cells.ema_warmup][CELL_KEY + ["step"]]
     data = points.merge(keep, on=CELL_KEY + ["step"]).join(shape[["tokens", "tokens_per_step"]], on=CELL_KEY)
     data = data[np.isfinite(data[ratio])]
     if data.empty:
         return None
-    axes = {name: data[name].to_numpy(float) for name in AXES if data[name].nunique() > 1}
+    axes, design = {}, [np.ones(len(data))]
+    for name in AXES:  # an axis enters when it varies apart from those before it (tokens per step needs a batch cell)
+        values = data[name].to_numpy(float)
+        if np.linalg.matrix_rank(np.column_stack(design + [np.log(values)])) > len(design):
+            axes[name] = values
+            design.append(np.log(values))
     if not axes:
         return None
     clusters = [(*k, s) for k, s in zip(data[CELL_KEY].itertuples(index=False), data.seed)]
@@ -150,8 +161,8 @@ def trend_markdown(points: pd.DataFrame, cells: pd.DataFrame, ema_decay: float =
              "log(TREAD / baseline held-out loss) = b0 + sum_k b_k log(axis_k), least squares over every (cell, seed "
              f"pair, step) point from step {first} on (before it the EMA, decay {ema_decay}, still holds more than "
              f"{EMA_WARMUP_LEFT:.0%} of the initial weights), errors clustered by seed pair, 95% t intervals on "
-             "(seed pairs - 1) degrees of freedom (tread_bench/measure/trend.py). A ratio below 1 means TREAD is "
-             "better.", ""]
+             "(seed pairs - 1) degrees of freedom (tread_bench/measure/trend.py), over the cells with at least "
+             f"{MIN_PAIRS} seed pairs. A ratio below 1 means TREAD is better.", ""]
     for ratio, title in (("ratio_equal_steps", "At equal steps"), ("ratio_equal_flops", "At equal training FLOPs")):
         lines += [f"## {title}", ""]
         trend = trend_of(points, cells, ratio)
@@ -188,7 +199,8 @@ def verdict_lines(cells: pd.DataFrame) -> list[str]:
         fid_says = ("no FID" if not math.isfinite(fid) else "no interval (one seed pair)" if not math.isfinite(fid_half)
                     else "TREAD better" if fid + fid_half < 0 else "TREAD worse" if fid - fid_half > 0 else "undecided")
         pays = "TREAD pays" if loss_says == fid_says == "TREAD better" else "TREAD does not pay yet"
-        lines.append(f"- {cell}, step {int(last.step)}, {int(last.seed_pairs)} seed pairs: loss ratio "
+        pairs = int(last.seed_pairs)
+        lines.append(f"- {cell}, step {int(last.step)}, {pairs} seed pair{'' if pairs == 1 else 's'}: loss ratio "
                      f"{format_ci(ratio, half)} ({loss_says}); FID difference {format_ci(fid, fid_half)} "
                      f"({fid_says}): {pays} at equal steps.")
     return lines
