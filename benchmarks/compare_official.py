@@ -3,11 +3,12 @@ outputs, and one training step takes no longer.
 
     python benchmarks/compare_official.py --official /tmp/official_tread
 
-The official checkout is imported from ``--official`` at run time (its dit.py, routing_module.py
-and edm.py); none of its code lives in this repository. Its blocks are decorated with
+The official checkout is imported from ``--official`` at run time (its dit.py, routing_module.py,
+edm.py and rf.py); none of its code lives in this repository. Its blocks are decorated with
 ``@torch.compile``: "shipped" runs them as shipped (inductor on CPU), "eager" calls the same
-forward undecorated. Part 1 checks float32 outputs, loss and gradients; part 2 times interleaved
-training steps (EDM loss + backward + AdamW) and prints mean/median step times and ours/theirs ratios.
+forward undecorated. Part 1 checks float32 outputs, loss and gradients, then (1b) one Sparse
+Guidance evaluation of the official ``rf.RF.sample_tread`` against our ``guided_denoise``; part 2 times
+interleaved training steps (EDM loss + backward + AdamW) and prints mean/median step times and ours/theirs ratios.
 """
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- part 1: numerics
-def numerics(dit, edm, variants, batch: int, seed: int) -> None:
+def shared_pair(dit, seed: int):
+    """Official and our routed DiT-S/2 with the same random weights (through KEY_MAP)."""
     torch.manual_seed(seed)
     theirs = build_official(dit, routed=True, compiled=False)
     for name, module in theirs.named_modules():  # re-randomise the adaLN-Zero / zero-init head
@@ -149,6 +151,12 @@ def numerics(dit, edm, variants, batch: int, seed: int) -> None:
     t_sd, o_sd = theirs.state_dict(), ours.state_dict()
     mapping = map_official_keys(t_sd, o_sd)
     ours.load_state_dict({mapping[k]: v for k, v in t_sd.items() if k in mapping}, strict=True)
+    return theirs, ours, mapping
+
+
+def numerics(dit, edm, variants, batch: int, seed: int) -> None:
+    theirs, ours, mapping = shared_pair(dit, seed)
+    t_sd, o_sd = theirs.state_dict(), ours.state_dict()
     print(f"mapped {len(mapping)} tensors ({sum(v.numel() for v in o_sd.values()):,} values), all shapes equal")
     print(f"pos_embed   official parameter vs our buffer: max|diff| = "
           f"{max_diff(t_sd['pos_embed'], ours.backbone.pos_embed):.3e}")
@@ -195,6 +203,96 @@ def numerics(dit, edm, variants, batch: int, seed: int) -> None:
         grad_max = max(p.grad.abs().max().item() for p in theirs.parameters() if p.grad is not None)
         print(f"(c) EDM loss {t_loss.item():.6f} vs {o_loss.item():.6f}: |diff| = {abs(t_loss.item() - o_loss.item()):.3e}; "
               f"gradients max|diff| = {grad_diff:.3e} (max|grad| {grad_max:.3e})")
+
+
+# ---------------------------------------------------------------- part 1b: Sparse Guidance
+SG_RATES, SG_SCALE = (0.3, 0.7), 1.5  # the official inference.py sample_tread example: gamma1, gamma2, cfg_scale
+
+
+def sparse_guidance(dit, rf, variants, batch: int, seed: int) -> None:
+    """One guided evaluation of the official ``RF.sample_tread`` (1 step: dt = 1, so vtheta = z - z') against
+    our ``guided_denoise(..., SamplerConfig(sparse_guidance=(gamma1, gamma2, cfg_scale)))`` on the same network,
+    both routers forced to the same kept ids per kept-token count. (a) the official code as shipped drops the
+    label in both branches: ours is given the null label; (b) the paper's rule, both branches conditional: the
+    official network is called with class_drop_prob=0.0 inside sample_tread (a wrapper overrides it) and ours
+    keeps the labels."""
+    from diffusion.sampler import SamplerConfig, guided_denoise
+
+    theirs, ours, _ = shared_pair(dit, seed)
+    theirs.eval(), ours.eval()
+    gamma1, gamma2 = SG_RATES
+    n_tok = 256
+    gen = torch.Generator().manual_seed(seed + 3)
+    z = torch.randn(batch, 4, 32, 32, generator=gen)
+    y = torch.randint(0, 1000, (batch,), generator=gen)
+    # one shared set of ascending kept ids per kept count (official count: N - int(N * rate))
+    shared = {}
+    for rate in SG_RATES:
+        keep = n_tok - int(n_tok * rate)
+        shared[keep] = torch.rand(batch, n_tok, generator=gen).argsort(dim=1)[:, :keep].sort(dim=1).values
+    used = []
+
+    def lookup(side, ids):  # each side's own code decides how many tokens it keeps; we replace which ones
+        if ids.shape[1] not in shared:
+            raise SystemExit(f"{side} keeps {ids.shape[1]} tokens; the other side's count is one of {sorted(shared)}")
+        used.append((side, ids.shape[1]))
+        return shared[ids.shape[1]]
+
+    official_get_mask = theirs.router.get_mask
+    our_select = ours._select
+    theirs.router.get_mask = lambda x_, selection_rate=0.0: lookup("official", official_get_mask(x_, selection_rate))
+    ours._select = lambda b, grid, n, rate, device: (lookup("ours", our_select(b, grid, n, rate, device)[0]), None)
+
+    branches = {"official": [], "ours": []}  # each side's branch outputs, in call order (strong, weak)
+
+    def our_denoiser(x_, sigma, labels, force_rate=None):  # the network is the prediction (t passed as is)
+        out = ours(x_, sigma.expand(x_.shape[0]), labels, force_rate=force_rate)
+        branches["ours"].append(out)
+        return out
+
+    def shipped(z_, t_, **kw):  # the official network, unchanged (records its output only)
+        out = theirs(z_, t_, **kw)
+        branches["official"].append(out)
+        return out
+
+    def conditional(z_, t_, **kw):  # the official network with class_drop_prob overridden to 0 (paper's rule)
+        return shipped(z_, t_, **{**kw, "class_drop_prob": 0.0})
+
+    print(f"official sample_tread(unet1, gamma1={gamma1}, unet2, gamma2={gamma2}, cfg_scale={SG_SCALE}) -> ours "
+          f"SamplerConfig(sparse_guidance=(strong={gamma1}, weak={gamma2}, scale={SG_SCALE})): gamma1 -> strong "
+          f"rate, gamma2 -> weak rate, cfg_scale -> scale; kept tokens {n_tok - int(n_tok * gamma1)} / "
+          f"{n_tok - int(n_tok * gamma2)} of {n_tok}")
+    cfg = SamplerConfig(sparse_guidance=(gamma1, gamma2, SG_SCALE))
+    null = torch.full_like(y, SIZE["num_classes"])
+    t = torch.ones(batch)  # sample_tread's t at its one step (i / sample_steps = 1)
+    rf_obj = rf.RF()
+    for variant in variants:
+        set_official_compile(theirs, variant == "shipped")
+        print(f"-- official blocks: {variant}")
+        results = {}
+        with torch.no_grad():
+            for case, unet, labels in (("a", shipped, null), ("b", conditional, y)):
+                used.clear(), branches["official"].clear(), branches["ours"].clear()
+                z_next = rf_obj.sample_tread(unet, gamma1, unet, gamma2, z.clone(), sample_steps=1,
+                                             cfg_scale=SG_SCALE, y=y)
+                official = z - z_next  # vtheta of the one Euler step, dt = 1
+                mine = guided_denoise(our_denoiser, z, t, labels, cfg, SIZE["num_classes"])
+                counts = [n_tok - int(n_tok * r) for r in SG_RATES]
+                if sorted(used) != sorted([("official", k) for k in counts] + [("ours", k) for k in counts]):
+                    raise SystemExit(f"unexpected routing calls {used}; expected each side at kept counts {counts}")
+                (t_strong, t_weak), (o_strong, o_weak) = branches["official"], branches["ours"]
+                results[case] = mine
+                what = ("as shipped: labels dropped in both branches; ours with the null label" if case == "a"
+                        else "paper's rule: both branches conditional; ours with the labels")
+                print(f"({case}) {what}")
+                print(f"    branches max|diff|: strong {max_diff(o_strong, t_strong):.3e}, weak "
+                      f"{max_diff(o_weak, t_weak):.3e}; guided (vtheta = z - z') max|diff| = "
+                      f"{max_diff(mine, official):.3e}, z' max|diff| = {max_diff(z.double() - mine, z_next):.3e} "
+                      f"(max|guided| {mine.abs().max():.3f})")
+                print(f"    not vacuous: guided vs strong branch alone differ by {max_diff(mine, o_strong):.3f}, "
+                      f"strong vs weak by {max_diff(o_strong, o_weak):.3f}")
+        print(f"    (a) vs (b) differ by {max_diff(results['a'], results['b']):.3f}: the label matters")
+    theirs.router.get_mask, ours._select = official_get_mask, our_select
 
 
 # ---------------------------------------------------------------- part 2: timing
@@ -328,10 +426,13 @@ def main() -> None:
     if args.profile and "eager" not in variants:
         raise SystemExit("--profile compares against theirs[eager]; use --official-compile eager or both")
     dit, edm, how = load_official(args.official.resolve())
+    rf = importlib.import_module("rf")  # the official rf.py (imports only re and torch)
     print(f"official code: {args.official} ({how}); torch {torch.__version__}")
     if not args.skip_numerics:
         print("\n== part 1: numerics (float32, CPU)")
         numerics(dit, edm, variants, args.numerics_batch, args.seed)
+        print("\n== part 1b: Sparse Guidance (official rf.py RF.sample_tread vs our guided_denoise; float32, CPU)")
+        sparse_guidance(dit, rf, variants, args.numerics_batch, args.seed)
         torch._dynamo.reset()  # numerics shapes must not leave dynamic-shape graphs for the timing
     if not args.skip_timing:
         print("\n== part 2: training step timing")

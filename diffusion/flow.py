@@ -7,7 +7,7 @@ SiT (Ma et al. 2024) runs time the other way (x_t = t x + (1 - t) eps, t = 1 is 
 the same model after t -> 1 - t and v -> -v, so a SiT checkpoint is used here by feeding it 1 - t and negating its
 output. The network is conditioned on t in [0, 1] (DiT's timestep embedder). Sampling integrates dx/dt = v from
 t = 1 (noise) to t = 0 with Euler or Heun steps on a uniform grid (Heun: 2 evaluations per step). Classifier-free
-and selection-rate guidance combine velocities as EDM combines denoised images (diffusion.sampler.guided_denoise).
+and Sparse Guidance combine velocities as EDM combines denoised images (diffusion.sampler.guided_denoise).
 """
 from __future__ import annotations
 

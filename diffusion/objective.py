@@ -55,7 +55,7 @@ class Objective:
     def sample(self, model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, sampler, null_label: int,
                progress: bool = False) -> torch.Tensor:
         """Samples (float64) from N(0, I) ``noise`` by the objective's ODE solver; ``sampler`` is a
-        diffusion.sampler.SamplerConfig (steps, cfg_scale, rate_guidance, route_rate)."""
+        diffusion.sampler.SamplerConfig (steps, cfg_scale, sparse_guidance, route_rate)."""
         raise NotImplementedError
 
     def nfe(self, steps: int) -> int:

@@ -1,7 +1,12 @@
 """The sampler settings and the guided network evaluation every objective's ODE solver calls.
 
 - classifier-free guidance: D = D(x|null) + s (D(x|y) - D(x|null)), the null label being index num_classes;
-- selection-rate guidance (TREAD): routing forced at two rates g1 < g2, D = D_g2 + s (D_g1 - D_g2);
+- Sparse Guidance (Krause et al., arXiv 2601.01608; official CompVis/tread ``rf.py`` ``sample_tread``): two
+  conditional evaluations with the network's sparsity forced at a strong (low) rate and a weak (high) rate,
+  D = D(weak) + scale (D(strong) - D(weak)). ``sparse_guidance = (strong, weak, scale)`` is the paper's
+  (gamma_strong, gamma_weak, omega) and the official code's (gamma1, gamma2, cfg_scale). The official code drops
+  the class label in both branches; the paper's rule, and this one, keep it (benchmarks/compare_official.py
+  checks both against the official code);
 - classifier-free guidance with the unconditional evaluation forced at ``uncond_rate``:
   D = D(x|null; uncond_rate) + s (D(x|y) - D(x|null; uncond_rate)). For SPRINT, uncond_rate 1.0 drops the
   whole sparse path of the unconditional branch: that is its path-drop guidance (official ``forward_pdg``:
@@ -23,7 +28,7 @@ class SamplerConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     cfg_scale: float = 1.0            # 1 = no classifier-free guidance
-    rate_guidance: Optional[tuple] = None  # (g1, g2, scale) for selection-rate guidance
+    sparse_guidance: Optional[tuple] = None  # (strong rate, weak rate, scale) for Sparse Guidance
     route_rate: Optional[float] = None     # force routing at this rate for every evaluation
     uncond_rate: Optional[float] = None    # force this rate on CFG's unconditional evaluation only (PDG: 1.0)
 
@@ -31,12 +36,12 @@ class SamplerConfig:
 def guided_denoise(denoiser, x, sigma, labels, cfg: SamplerConfig, null_label: int):
     """One guided evaluation of the denoiser (float32 in, float64 out)."""
     x32 = x.float()
-    if cfg.rate_guidance is not None:
-        g1, g2, scale = cfg.rate_guidance
-        strong = denoiser(x32, sigma, labels, force_rate=g1).double()
-        if g1 == g2:
+    if cfg.sparse_guidance is not None:
+        strong_rate, weak_rate, scale = cfg.sparse_guidance
+        strong = denoiser(x32, sigma, labels, force_rate=strong_rate).double()
+        if strong_rate == weak_rate:
             return strong
-        weak = denoiser(x32, sigma, labels, force_rate=g2).double()
+        weak = denoiser(x32, sigma, labels, force_rate=weak_rate).double()
         return weak + scale * (strong - weak)
     kwargs = {} if cfg.route_rate is None else {"force_rate": cfg.route_rate}
     if cfg.cfg_scale == 1.0:

@@ -102,7 +102,7 @@ def evaluate(mode: str, out: Path, count: int) -> None:
     from tread_bench.measure.evaluate import EvalConfig, FIDEvaluator
 
     state = PartialState(cpu=True)
-    if mode == "dit":  # a real network (tiny DiT with TREAD) under selection-rate guidance: forced-rate draws
+    if mode == "dit":  # a real network (tiny DiT with TREAD) under Sparse Guidance: forced-rate draws
         from suite_helpers import build_denoiser
 
         shape, num_classes = (1, 16, 16), 10
@@ -115,7 +115,7 @@ def evaluate(mode: str, out: Path, count: int) -> None:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         den.net.set_shard(state.process_index, state.num_processes)  # as the trainer leaves it
         objective = None
-        cfg = EvalConfig(samples=count, batch=5, sampler_steps=3, rate_guidance=[0.0, 0.5, 1.5], extractor=POOL)
+        cfg = EvalConfig(samples=count, batch=5, sampler_steps=3, sparse_guidance=[0.0, 0.5, 1.5], extractor=POOL)
         reference = reference_images()[:, :1]
     elif mode == "fake":
         shape, num_classes, den, objective = (3, 16, 16), 10, torch.nn.Identity(), FakeObjective()

@@ -162,26 +162,31 @@ def test_a_suite_whose_runs_all_fail_writes_its_table_and_exits_1(tmp_path, caps
 
 
 def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monkeypatch):
+    """The guidance kind trains through the train kind's lifecycle: a checkpoint of another configuration is deleted
+    with the run's sampled modes, a matching one is kept; the sampling modes are not part of the configuration."""
+    import tread_bench.engine.training as training
     import tread_bench.kinds.guidance as guidance
 
-    cfg = compose_suite(["suite=guidance", "scale=tiny", *dirs(tmp_path)])
-    suite = tread_bench.engine.resolve_suite(cfg)
-    run_dir = tmp_path / "runs" / "guidance" / "tiny" / "dit-tiny-tread"
+    run_dir = tmp_path / "runs" / "guidance" / "tiny" / "dit-tiny-tread-seed0"
     run_dir.mkdir(parents=True)
     seen = []
 
-    def train_one(run, suite, data, run_dir, device, snapshot, tracker="none"):  # stops where training would start
-        seen.append((run_dir / "checkpoint.pt").exists())
+    def train_one(run, suite, data, run_dir, device, snapshot, tracker="none", memory=None):  # stops where training would start
+        seen.append(((run_dir / "checkpoint.pt").exists(), (run_dir / "sampling.json").exists()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(guidance, "train_one", train_one)
-    for hash_written in ("another configuration", None):  # None: the hash this configuration wrote
+    monkeypatch.setattr(training, "train_one", train_one)
+    for hash_written, extra in (("another configuration", []), (None, ["+suite.sampling.cfg_mid={cfg_scale:2.0}"])):
+        cfg = compose_suite(["suite=guidance", "scale=tiny", "only=tread-", *dirs(tmp_path), *extra])
+        suite = tread_bench.engine.resolve_suite(cfg)
         (run_dir / "checkpoint.pt").write_text("weights")
+        (run_dir / "sampling.json").write_text("{}")
         if hash_written:
             (run_dir / "config_hash").write_text(hash_written)
         with pytest.raises(KeyboardInterrupt):
             guidance.run_guidance_suite(cfg, suite)
-    assert seen == [False, True]  # the stale checkpoint was deleted, the matching one kept
+    # the stale checkpoint and modes were deleted; the matching ones kept, though a mode was added
+    assert seen == [(False, False), (True, True)]
 
 
 def test_mamba_A_log_and_D_are_not_decayed(tmp_path):

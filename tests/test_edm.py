@@ -73,16 +73,43 @@ def test_classifier_free_guidance_formula():
     assert out[:, 0, 0, 0].tolist() == [100 + 4 * (30 - 100), 100 + 4 * (50 - 100)]
 
 
-def test_selection_rate_guidance_formula_and_reductions():
+def test_sparse_guidance_formula_and_reductions():
     x, labels = torch.zeros(1, 1, 2, 2, dtype=torch.float64), torch.tensor([1])
     den = LabelledDenoiser()
-    out = guided_denoise(den, x, torch.tensor(1.0), labels, SamplerConfig(rate_guidance=(0.3, 0.7, 1.5)), 10)
+    out = guided_denoise(den, x, torch.tensor(1.0), labels, SamplerConfig(sparse_guidance=(0.3, 0.7, 1.5)), 10)
     assert out[0, 0, 0, 0].item() == pytest.approx(10.7 + 1.5 * (10.3 - 10.7))
-    same = guided_denoise(den, x, torch.tensor(1.0), labels, SamplerConfig(rate_guidance=(0.4, 0.4, 3.0)), 10)
+    same = guided_denoise(den, x, torch.tensor(1.0), labels, SamplerConfig(sparse_guidance=(0.4, 0.4, 3.0)), 10)
     plain = guided_denoise(den, x, torch.tensor(1.0), labels, SamplerConfig(route_rate=0.4), 10)
     assert torch.equal(same, plain)  # g1 == g2 is plain routed sampling
-    s_one = guided_denoise(den, x, torch.tensor(1.0), labels, SamplerConfig(rate_guidance=(0.3, 0.7, 1.0)), 10)
+    s_one = guided_denoise(den, x, torch.tensor(1.0), labels, SamplerConfig(sparse_guidance=(0.3, 0.7, 1.0)), 10)
     assert s_one[0, 0, 0, 0].item() == pytest.approx(10.3)  # s = 1 is the g1 pass
+
+
+def test_sparse_guidance_worked_example_is_the_official_formula_with_and_without_labels():
+    """Stub prediction: 2 at the strong rate 0.3, -1 at the weak rate 0.7, plus label / 100. The official
+    sample_tread (CompVis/tread rf.py) combines vtheta2 + cfg_scale (vtheta1 - vtheta2), vtheta1 at gamma1,
+    vtheta2 at gamma2; by hand with gamma1 = 0.3, gamma2 = 0.7, cfg_scale = 1.5."""
+    calls = []
+
+    def stub(x, sigma, labels, force_rate=None):
+        calls.append((labels.tolist(), force_rate))
+        return torch.zeros_like(x) + {0.3: 2.0, 0.7: -1.0}[force_rate] + labels.view(-1, 1, 1, 1) / 100
+
+    x = torch.zeros(2, 1, 2, 2)
+    cfg = SamplerConfig(sparse_guidance=(0.3, 0.7, 1.5))
+    # labels kept in both branches (the paper's rule): strong 2.03 / 2.05, weak -0.97 / -0.95
+    out = guided_denoise(stub, x, torch.tensor(1.0), torch.tensor([3, 5]), cfg, null_label=10)
+    assert calls == [([3, 5], 0.3), ([3, 5], 0.7)]  # two passes, one per rate, labels not dropped
+    assert out.dtype == torch.float64 and out.shape == x.shape
+    hand = [-0.97 + 1.5 * (2.03 - -0.97)] * 4 + [-0.95 + 1.5 * (2.05 - -0.95)] * 4
+    assert out[:, 0].flatten().tolist() == pytest.approx(hand)
+    assert out[:, 0, 0, 0].tolist() == pytest.approx([3.53, 3.55])
+    # the official code as shipped drops the label in both branches: given the null label, 2.10 and -0.90
+    calls.clear()
+    null = guided_denoise(stub, x, torch.tensor(1.0), torch.tensor([10, 10]), cfg, null_label=10)
+    assert calls == [([10, 10], 0.3), ([10, 10], 0.7)]
+    assert null[:, 0, 0, 0].tolist() == pytest.approx([-0.90 + 1.5 * (2.10 - -0.90)] * 2)
+    assert null[:, 0, 0, 0].tolist() == pytest.approx([3.60, 3.60])
 
 
 class IdentityNet(torch.nn.Module):

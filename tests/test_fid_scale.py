@@ -159,7 +159,7 @@ def run_worker(mode: str, out: Path, count: int, processes: int = 1, **env_vars)
 @pytest.mark.parametrize("mode", ["fake", "dit"])
 def test_two_processes_give_the_one_process_fid(tmp_path, mode):
     """20 samples split between 2 gloo processes (fake: batches of 7, so one process repeats the last batch;
-    dit: a tiny TREAD DiT under selection-rate guidance, whose forced-rate token draws are per batch) give the same
+    dit: a tiny TREAD DiT under Sparse Guidance, whose forced-rate token draws are per batch) give the same
     features, in the same order, and the same FID, KID and precision/recall as one process."""
     one = run_worker(mode, tmp_path / "one", 20, processes=1)
     two = run_worker(mode, tmp_path / "two", 20, processes=2)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from tread_bench.engine.spec import RunSpec
 from tread_bench.engine.tables import COMMITTED_RESULTS, committed_training_time
 from tread_bench.engine.training import Progress
-from tread_bench.kinds.train import progress_of
+from tread_bench.engine.training import progress_of
 from tread_bench.engine.spec import resolve_suite
 from suite_helpers import compose_suite, run
 

@@ -257,3 +257,36 @@ def test_a_sampling_pass_costs_the_torch_count_of_that_pass():
     assert full == count_forward_macs(net, 32, 1, 10, routed=False)["torch_macs"]
     assert forced == count_forward_macs(net, 32, 1, 10, force_rate=0.5, routed=True)["torch_macs"]
     assert forced < full
+
+
+def test_sampling_macs_of_every_guidance_mode_match_hand_counts():
+    """sampling_macs (MACs of one guided evaluation per image) per mode against the per-block hand count above:
+    unguided = one full pass; CFG = two full passes (the batched cond/uncond pair); CFG with uncond_rate 1.0 on
+    SPRINT (path-drop guidance) = a dense pass + a pass with the sparse blocks dropped (both with the fusion
+    layer); Sparse Guidance (0.3, 0.7, 1.5) on TREAD = a pass at each forced rate, kept tokens counted by hand:
+    64 - floor(64 * 0.3) = 45 and 64 - floor(64 * 0.7) = 20 in the routed blocks 1..3; equal rates = one pass."""
+    from tread_bench.measure.evaluate import EvalConfig
+    from tread_bench.methods import build_network
+
+    shape = (CH, 32, 32)
+    with torch.device("meta"):
+        tread = RoutedNetwork(build_backbone("dit", "tiny", **DATA), ROUTE)
+        sprint = build_network("dit", "tiny", shape, 10, kind="sprint")  # sparse blocks 2..3, fusion N x 2D -> D
+
+    def mode(net, **ev):
+        return flops.sampling_macs(net, shape, 10, EvalConfig(**ev), flops.pass_macs(net, shape, 10))
+
+    dense = tiny_dit_macs([N] * DEPTH, with_norms=False)  # pass_macs is the torch counter's: no LayerNorms
+    assert mode(tread) == dense
+    assert mode(tread, cfg_scale=1.5) == 2 * dense
+    strong, weak = tiny_dit_macs([N, 45, 45, 45, N, N], False), tiny_dit_macs([N, 20, 20, 20, N, N], False)
+    assert mode(tread, sparse_guidance=[0.3, 0.7, 1.5]) == strong + weak
+    assert strong + weak == flops.pass_macs(tread, shape, 10, 0.3) + flops.pass_macs(tread, shape, 10, 0.7)
+    assert mode(tread, sparse_guidance=[0.5, 0.5, 2.0]) == tiny_dit_macs([N, 32, 32, 32, N, N], False)
+    assert weak < strong < dense < strong + weak < 2 * dense  # here 1.49 unreduced passes, not 2
+
+    fusion = N * 2 * D * D
+    sprint_dense, sprint_dropped = dense + fusion, tiny_dit_macs([N] * 4, False) + fusion
+    assert mode(sprint) == sprint_dense
+    assert mode(sprint, cfg_scale=1.5) == 2 * sprint_dense
+    assert mode(sprint, cfg_scale=1.5, uncond_rate=1.0) == sprint_dense + sprint_dropped

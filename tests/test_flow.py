@@ -92,7 +92,7 @@ def test_guidance_plumbing_and_evaluation_counts(solver):
     assert out.flatten().tolist() == [-(100 + 4 * (30 - 100)), -(100 + 4 * (50 - 100))]
     assert len(model.calls) == flow.nfe(3) and all(b == 4 for b, _ in model.calls)  # one doubled batch per NFE
     model = LabelledVelocity()
-    out = flow.sample(model, noise[:1], labels[:1], SamplerConfig(steps=3, rate_guidance=(0.3, 0.7, 1.5)), 10)
+    out = flow.sample(model, noise[:1], labels[:1], SamplerConfig(steps=3, sparse_guidance=(0.3, 0.7, 1.5)), 10)
     assert out.item() == pytest.approx(-(30.7 + 1.5 * (30.3 - 30.7)))
     assert len(model.calls) == 2 * flow.nfe(3) and {r for _, r in model.calls} == {0.3, 0.7}
     assert flow.nfe(3) == (6 if solver == "heun" else 3)

@@ -219,8 +219,8 @@ def test_path_drop_guidance_is_cfg_with_the_sparse_path_dropped_in_the_unconditi
         weak = bb.head(tokens, c)
         expected = weak.double() + scale * (cond.double() - weak.double())
         assert torch.allclose(out, expected, atol=1e-6)
-        # selection-rate guidance at (0, 1) is not PDG: its weak branch keeps the class label
-        rate = guided_denoise(den, x, t[0], y, SamplerConfig(rate_guidance=(0.0, 1.0, scale)), CLASSES)
+        # Sparse Guidance at (0, 1) is not PDG: its weak branch keeps the class label
+        rate = guided_denoise(den, x, t[0], y, SamplerConfig(sparse_guidance=(0.0, 1.0, scale)), CLASSES)
         assert not torch.allclose(rate, expected, atol=1e-3)
 
 
@@ -332,28 +332,22 @@ def test_bad_forced_rate_and_suite_entries_are_one_line(tmp_path):
     assert str(err.value) == ("suite.methods.sprint: sprint: drop ratio 0.3 cannot be made by structured grouping on the 8x8 token grid "
                               "(each g x g group keeps k tokens, so the ratio must be 1 - k/g^2; g=2: 0.25, 0.5, 0.75; "
                               "g=4: a multiple of 1/16); choose such a drop_ratio or grouping: random")
-    guidance = ["suite=guidance", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
-                "~suite.methods.tread", "+suite.methods.sprint={kind:sprint}"]
-    with pytest.raises(ConfigError, match="suite.sampling.pdg.uncond_rate forces the rate of classifier-free "
+    guidance = ["suite=guidance", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs"]
+    with pytest.raises(ConfigError, match="suite.sampling.pdg_low.uncond_rate forces the rate of classifier-free "
                                           "guidance's unconditional branch; set cfg_scale != 1"):
-        run(guidance + ["suite.sampling.pdg.cfg_scale=1.0"])
+        run(guidance + ["suite.sampling.pdg_low.cfg_scale=1.0"])
     with pytest.raises(ConfigError, match="suite.sampling.slow forces rate 0.3 on method sprint: sprint: drop ratio "
                                           "0.3 cannot be made by structured grouping"):
-        run(guidance + ["+suite.sampling.slow={rate_guidance:[0.3,0.75,1.5]}"])
-    with pytest.raises(ConfigError, match=r"suite.sampling.pdg.kinds = \['sprnt'\]: must be a non-empty list"):
-        run(guidance + ["suite.sampling.pdg.kinds=[sprnt]"])
+        run(guidance + ["+suite.sampling.slow={sparse_guidance:[0.3,0.75,1.5],methods:[sprint]}"])
+    with pytest.raises(ConfigError, match="suite.sampling.slow forces rate 0.3 on method baseline: routing was "
+                                          "forced but this model has no routes"):
+        run(guidance + ["+suite.sampling.slow={sparse_guidance:[0.3,0.75,1.5]}"])
+    with pytest.raises(ConfigError, match=r"suite.sampling.pdg_low.kinds = \['sprnt'\]: must be a non-empty list"):
+        run(guidance + ["suite.sampling.pdg_low.kinds=[sprnt]"])
+    with pytest.raises(ConfigError, match=r"suite.sampling.sg_a.methods = \['sprnt'\]: must be a non-empty list of "
+                                          r"the suite's method entries \(the ones the mode applies to\), from: "
+                                          "baseline, tread, sprint"):
+        run(guidance + ["suite.sampling.sg_a.methods=[sprnt]"])
     assert not (tmp_path / "runs").exists()  # all refused before any training
 
 
-def test_guidance_suite_samples_sprint_with_path_drop_guidance(tmp_path):
-    assert run(["suite=guidance", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
-                "suite.train.steps=4", "suite.eval.samples=4", "suite.eval.batch=4", "suite.eval.sampler_steps=2",
-                "~suite.methods.tread", "+suite.methods.sprint={kind:sprint}"]) == 0
-    table = pd.read_csv(tmp_path / "r" / "guidance.csv")
-    assert table["mode"].tolist() == ["unguided", "cfg", "pdg"] and set(table.method) == {"sprint"}
-    cost = dict(zip(table["mode"], table.cost_vs_unguided))
-    # hand count of test_flops_match_a_hand_count_with_the_fusion_layer: dense pass vs path-dropped pass
-    dense, dropped = 22_851_584, 15_462_400
-    assert cost["unguided"] == 1 and cost["cfg"] == 2 and cost["pdg"] == pytest.approx(1 + dropped / dense)
-    assert table.set_index("mode").loc["pdg", "guidance"] == "cfg 1.5, uncond rate 1"
-    assert table.fid.notna().all()

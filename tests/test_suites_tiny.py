@@ -83,13 +83,40 @@ def test_flops_tiny_table(tmp_path):
 
 
 def test_guidance_tiny(tmp_path):
-    assert run(["suite=guidance", "scale=tiny", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/runs",
-                "suite.train.steps=4", "suite.eval.samples=4", "suite.eval.batch=4"]) == 0
-    table = pd.read_csv(tmp_path / "r" / "guidance.csv")
-    assert table["mode"].tolist() == ["unguided", "cfg", "rate_guidance"]
-    cost = dict(zip(table["mode"], table.cost_vs_unguided))
-    assert cost["unguided"] == 1 and cost["cfg"] == 2 and 0.5 < cost["rate_guidance"] < 2
-    assert table.fid.notna().all()
+    """Every file kind; each mode's sampling cost from the passes it runs; a rerun samples nothing again and a new
+    mode samples the trained models without retraining them."""
+    out = tmp_path / "r"
+    base = ["suite=guidance", "scale=tiny", f"results_dir={out}", f"runs_dir={tmp_path}/runs"]
+    assert run(base) == 0
+    for name in ("guidance.csv", "guidance_summary.csv", "guidance_summary.md", "guidance_tiny.png",
+                 "guidance_tiny_samples.png", "guidance_tiny_config.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    table = pd.read_csv(out / "guidance.csv")
+    modes = {m: table[table.method == m]["mode"].tolist() for m in ("baseline", "tread", "sprint")}
+    assert modes == {"baseline": ["unguided", "cfg_low", "cfg_high"],
+                     "tread": ["unguided", "cfg_low", "cfg_high", "sg_a", "sg_b", "sg_c"],
+                     "sprint": ["unguided", "cfg_low", "cfg_high", "sg_a", "sg_b", "sg_c", "pdg_low", "pdg_high"]}
+    assert table.fid.notna().all() and table.kid.notna().all() and (table.nfe == 3).all()  # Heun: 2 * 2 - 1
+    cost = table.set_index(["method", "mode"]).cost_vs_unguided
+    assert (cost[:, "unguided"] == 1).all() and (cost[:, "cfg_high"] == 2).all()
+    # TREAD r(1->3) on the tiny DiT (6 blocks, 64 tokens): a pass at rate r runs blocks 1-2 on 64 - floor(64 r)
+    # tokens; Sparse Guidance runs one pass at each rate, so its cost lies between one and two full passes
+    assert 1 < cost["tread", "sg_a"] < cost["tread", "sg_b"] < 2 and cost["tread", "sg_b"] == cost["tread", "sg_c"]
+    # hand count of tests/test_sprint.py (test_flops_match_a_hand_count_with_the_fusion_layer): dense pass vs
+    # path-dropped pass; path-drop guidance is one of each
+    dense, dropped = 22_851_584, 15_462_400
+    assert cost["sprint", "pdg_low"] == pytest.approx(1 + dropped / dense)
+    assert table.set_index(["method", "mode"]).guidance["sprint", "pdg_low"] == "cfg 1.5, uncond rate 1"
+    summary = pd.read_csv(out / "guidance_summary.csv")
+    assert len(summary) == len(table) and set(summary.label) >= {"unguided", "CFG 1.5", "PDG 3", "SG 0/0.5 x3"}
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("checkpoint/ema.safetensors")}
+    assert run(base + ["+suite.sampling.cfg_mid={cfg_scale:2.0}", "suite.jobs=2"]) == 0  # sampled in 2 workers
+    again = pd.read_csv(out / "guidance.csv")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # not retrained
+    old = again.merge(table, on=["method", "seed", "mode"], suffixes=("", "_before"))
+    assert len(old) == len(table) and (old.fid == old.fid_before).all()  # read back, not sampled again
+    assert len(again) == len(table) + 3 and again[again["mode"] == "cfg_mid"].fid.notna().all()
 
 
 def test_multirun_with_the_local_launcher(tmp_path):

@@ -120,7 +120,7 @@ RULES: Dict[tuple, tuple] = {
     ("eval", "samples"): (non_negative, ">= 0 (0: no FID)"),
     ("eval", "batch"): (positive, "> 0"),
     ("eval", "sampler_steps"): (positive, "> 0"),
-    ("eval", "rate_guidance"): (lambda g: len(g) == 3, "three numbers [g1, g2, scale] (or null)"),
+    ("eval", "sparse_guidance"): (lambda g: len(g) == 3, "three numbers [strong rate, weak rate, scale] (or null)"),
     ("eval", "uncond_rate"): (lambda r: 0 <= r <= 1, "in [0, 1] (the rate forced on classifier-free guidance's "
                               "unconditional branch; 1.0 with SPRINT is path-drop guidance)"),
     ("eval", "reference_limit"): (positive, "> 0 (or null: the whole split)"),
@@ -435,8 +435,8 @@ def check_uncond_rate(path: str, spec: Mapping) -> None:
     guidance (which replaces CFG) would silently ignore it."""
     if spec.get("uncond_rate") is None:
         return
-    if spec.get("rate_guidance"):
-        raise ConfigError(f"{path}: uncond_rate (CFG's unconditional branch) and rate_guidance exclude each other; "
+    if spec.get("sparse_guidance"):
+        raise ConfigError(f"{path}: uncond_rate (CFG's unconditional branch) and sparse_guidance exclude each other; "
                           "keep one")
     if spec.get("cfg_scale", 1.0) == 1.0:
         raise ConfigError(f"{path}.uncond_rate forces the rate of classifier-free guidance's unconditional branch; "

@@ -8,6 +8,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from tread_bench.core.io import atomic_write_text
 from tread_bench.core.processes import Stopped, die_with_parent, end_children, spawning_children
 from tread_bench.measure.memory import rss_mib
 
-from .resume import RunBusy, run_lock
-from .spec import RunSpec, build_run_network, load_suite_data, run_stages
+from .resume import STATE_FILES, RunBusy, prepare_run_dir, run_lock
+from .spec import RunSpec, build_run_network, config_hash, load_suite_data, run_stages
 from .tracking import open_tracker
 
 # evaluation columns logged to the tracker (with every eval_loss* column)
@@ -141,6 +142,82 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
             trainer.tracker.finish()
     summary.update(resumed=resumed, params=sum(p.numel() for p in den.net.parameters()))
     return summary, trainer
+
+
+def collect_runs(cfg: DictConfig, suite: DictConfig, runs: list, resolved: dict, device: str, data,
+                 main_process: bool = True, single_process: bool = True,
+                 extra_state: tuple = ()) -> tuple[list[dict], list, list]:
+    """Sort a suite's runs before anything trains: (rows of the runs finished earlier or copied from
+    ``suite.reuse_from``, pending [(run, run_dir, snapshot, base row)] to train with ``train_pending``, finished
+    [(run, run_dir)]). A pending run's folder is locked and prepared: its checkpoint resumes only under the same
+    configuration, else its state files and ``extra_state`` (a kind's own files about the trained model) go. Under
+    ``report=true`` nothing is touched and unfinished runs are left out. Runs are copied only by a
+    ``single_process`` suite: under ``accelerate launch`` every rank would have to agree on the copy."""
+    from .reuse import reuse_finished_run
+    from tread_bench.measure.results import environment
+
+    runs_root = Path(cfg.runs_dir) / suite.name / cfg.scale.name
+    rows, pending, finished = [], [], []
+    for run in runs:
+        run_dir = runs_root / run.dir_name
+        snapshot = {"suite": resolved, "run": asdict(run)}
+        digest = config_hash(snapshot)
+        done = None if cfg.force else finished_rows(run_dir, digest)
+        if done is not None:
+            print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
+            rows.extend({**row, "setting": run.setting} for row in done)  # as this code describes the method
+            finished.append((run, run_dir))
+            continue
+        if not cfg.force and not cfg.get("report") and suite.get("reuse_from") and single_process:
+            reused = reuse_finished_run(snapshot, digest, run_dir, Path(cfg.runs_dir), list(suite.reuse_from),
+                                        cfg.scale.name, data.shape, data.num_classes)
+            if reused:
+                print(f"[{run.dir_name}] the same run finished in {reused[0]['reused_from']}: copied, not trained")
+                rows.extend({**row, "setting": run.setting} for row in reused)
+                finished.append((run, run_dir))
+                continue
+        if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
+            print(f"[{run.dir_name}] not finished ({progress_of(run_dir, suite)}), left out of the report")
+            continue
+        try:  # never resume another configuration, never clear a folder another process is training
+            with run_lock(run_dir, enabled=main_process):
+                prepare_run_dir(run_dir, digest, cfg.force, (*STATE_FILES, *extra_state), write=main_process)
+        except RunBusy as busy:
+            print(f"[{run.dir_name}] skipped: the run folder is {busy}; its rows land when it finishes")
+            continue
+        base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
+                "size": run.size, "method": run.method, "setting": run.setting, "selection": run.selection,
+                "seed": run.seed, **environment(device), "config_hash": digest}
+        pending.append((run, run_dir, snapshot, base))
+    return rows, pending, finished
+
+
+def progress_of(run_dir: Path, suite: DictConfig) -> str:
+    """How far an unfinished run got: its last logged step of the suite's steps, or that it has not started."""
+    stats = Path(run_dir) / "stats.jsonl"
+    lines = stats.read_text().splitlines() if stats.exists() else []
+    if not lines:
+        return "not started"
+    return f"step {json.loads(lines[-1])['step']} of {suite.train.steps} logged"
+
+
+def trained_ema(run: RunSpec, suite: DictConfig, data, run_dir: Path):
+    """(EMA denoiser, objective) of a finished run, read from its final checkpoint with the run's last stage's
+    settings applied (a fine-tune stage changes what the network computes)."""
+    from diffusion import build_objective
+    from tread_bench.training.trainer import Trainer, TrainConfig
+
+    train_cfg = TrainConfig(**OmegaConf.to_container(suite.train), seed=run.seed)
+    objective = build_objective(**run.objective)
+    den = objective.wrap(build_run_network(run, data.shape, data.num_classes, seed=train_cfg.seed + 1,
+                                           fp32_after_route=train_cfg.fp32_after_route))
+    trainer = Trainer(den, data, train_cfg, run_dir, objective=objective, schedule=run_stages(run))
+    if not trainer.try_resume() or trainer.step < train_cfg.steps:
+        raise ConfigError(f"[{run.dir_name}] has no final checkpoint in {run_dir} (step {trainer.step} of "
+                          f"{train_cfg.steps}); rerun the suite with force=true to train it again")
+    ema = trainer.ema_denoiser
+    ema.eval()
+    return ema, objective
 
 
 def finished_rows(run_dir: Path, digest: str) -> list[dict] | None:
@@ -305,30 +382,46 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         print(f"training {len(pending)} runs in {jobs} worker processes, {threads} thread(s) each")
-        pool, stopping = None, False
-        try:
-            with spawning_children():  # the workers start here, at submit; a signal meanwhile waits for the end
-                pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_start_worker,
-                                           initargs=(os.getpid(),))
-                futures = [(run, base, pool.submit(_worker, job(run, run_dir, snapshot, base, threads)))
-                           for run, run_dir, snapshot, base in pending]
-            for run, base, future in futures:
-                try:
-                    run_rows, ok = future.result()
-                except ConfigError:
-                    raise
-                except Exception as err:  # a worker that died (killed, out of memory) fails its run only
-                    reason = f"worker died: {type(err).__name__}: {err}".splitlines()[0]
-                    run_rows, ok = [{**base, "status": "failed", "error": reason}], False
-                if run_rows:
-                    progress.done(run.dir_name, ok)
-                rows.extend(run_rows)
-                failures += [] if ok else [run.dir_name]
-        except Stopped:
-            stopping = True
-            end_children()  # every worker, reported or still starting up: its last checkpoint is consistent
-            raise
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=not stopping, cancel_futures=True)
+
+        def done(k, result, err):
+            run, _, _, base = pending[k]
+            if err is not None:  # a worker that died (killed, out of memory) fails its run only
+                reason = f"worker died: {type(err).__name__}: {err}".splitlines()[0]
+                result = [{**base, "status": "failed", "error": reason}], False
+            run_rows, ok = result
+            if run_rows:
+                progress.done(run.dir_name, ok)
+            rows.extend(run_rows)
+            failures.extend([] if ok else [run.dir_name])
+
+        run_in_workers(_worker, [job(run, run_dir, snapshot, base, threads)
+                                 for run, run_dir, snapshot, base in pending], jobs, done)
     return rows, failures
+
+
+def run_in_workers(fn, jobs: list, workers: int, done) -> None:
+    """``fn(job)`` for every job in ``workers`` spawned processes; ``done(k, result, error)`` as each job's result
+    arrives, in submission order (``error`` an exception other than ConfigError, which stops the suite). The
+    workers are born ignoring SIGINT and die with this process; a stop ends every one of them, reported or still
+    starting up (tread_bench/core/processes.py)."""
+    pool, stopping = None, False
+    try:
+        with spawning_children():  # the workers start here, at submit; a signal meanwhile waits for the end
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                                       initargs=(os.getpid(),))
+            futures = [pool.submit(fn, job) for job in jobs]
+        for k, future in enumerate(futures):
+            try:
+                result, error = future.result(), None
+            except ConfigError:
+                raise
+            except Exception as err:
+                result, error = None, err
+            done(k, result, error)
+    except Stopped:
+        stopping = True
+        end_children()  # every worker, reported or still starting up: its last checkpoint is consistent
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=not stopping, cancel_futures=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,13 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from tread_bench.core.errors import ConfigError
 from tread_bench.core.io import atomic_write_text
 from tread_bench.engine.kinds import register_suite_kind
-from tread_bench.engine.resume import RunBusy, prepare_run_dir, run_lock
-from tread_bench.engine.reuse import reuse_finished_run
 from tread_bench.engine.schema import SUITES_DIR, group_options, suggest
-from tread_bench.engine.spec import config_hash, load_suite_data, pick_device, prepare_runs
+from tread_bench.engine.spec import load_suite_data, pick_device, prepare_runs
 from tread_bench.engine.tables import committed_training_time, runs_table_name
-from tread_bench.engine.training import fid_reference, finished_rows, train_pending
-from tread_bench.measure.results import environment, read_table, tables_lock, upsert_csv
+from tread_bench.engine.training import collect_runs, fid_reference, train_pending
+from tread_bench.measure.results import read_table, tables_lock, upsert_csv
 
 # A run's rows (one per evaluation) are replaced together: a rerun never leaves rows of an earlier attempt.
 RUN_KEY = ["suite", "scale", "run_id", "seed"]
@@ -79,46 +77,14 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
     if main_process:
         results_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_dir / f"{suite.name}_{cfg.scale.name}_config.yaml", OmegaConf.to_yaml(suite))
-    rows, pending, finished = [], [], 0
-    for run in runs:
-        run_dir = runs_root / run.dir_name
-        snapshot = {"suite": resolved, "run": asdict(run)}
-        digest = config_hash(snapshot)
-        done = None if cfg.force else finished_rows(run_dir, digest)
-        if done is not None:
-            print(f"[{run.dir_name}] finished earlier, skipped (force=true reruns it)")
-            rows.extend({**row, "setting": run.setting} for row in done)  # as this code describes the method
-            finished += 1
-            continue
-        # (one process only: under `accelerate launch` every rank would have to agree on the copy)
-        if not cfg.force and not cfg.get("report") and suite.get("reuse_from") and state.num_processes == 1:
-            reused = reuse_finished_run(snapshot, digest, run_dir, Path(cfg.runs_dir), list(suite.reuse_from),
-                                        cfg.scale.name, data.shape, data.num_classes)
-            if reused:
-                print(f"[{run.dir_name}] the same run finished in {reused[0]['reused_from']}: copied, not trained")
-                rows.extend({**row, "setting": run.setting} for row in reused)
-                finished += 1
-                continue
-        if cfg.get("report"):  # tables from finished runs only: touch nothing of an unfinished run
-            print(f"[{run.dir_name}] not finished ({progress_of(run_dir, suite)}), left out of the report")
-            continue
-        try:  # never resume another configuration, never clear a folder another process is training
-            with run_lock(run_dir, enabled=main_process):
-                prepare_run_dir(run_dir, digest, cfg.force, write=main_process)
-        except RunBusy as busy:
-            print(f"[{run.dir_name}] skipped: the run folder is {busy}; its rows land when it finishes")
-            continue
-        base = {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "backbone": run.backbone,
-                "size": run.size, "method": run.method, "setting": run.setting, "selection": run.selection,
-                "seed": run.seed, **environment(device), "config_hash": digest}
-        pending.append((run, run_dir, snapshot, base))
-
+    rows, pending, finished = collect_runs(cfg, suite, runs, resolved, device, data, main_process,
+                                           single_process=state.num_processes == 1)
     if cfg.get("report") and main_process:
         report_units(cfg, suite, runs, results_dir)
         if not rows:
             write_crossover_report(suite, results_dir)
     if main_process and pending:
-        announce(cfg, suite, [p[0] for p in pending], finished, results_dir, runs_root)
+        announce(cfg, suite, [p[0] for p in pending], len(finished), results_dir, runs_root)
     fid_prepare = (lambda: FIDEvaluator(eval_cfg, *fid_ref, data.num_classes).prepare_reference()) if fid_ref else None
     trained, failures = train_pending(pending, cfg, suite, data, device, resolved, fid_prepare)
     rows.extend(trained)
@@ -133,23 +99,12 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
         write_dryrun_table(cfg, [dryrun_row(run, suite, last[(run.run_id, run.seed)], device, state.num_processes)
                                  for run in runs if (run.run_id, run.seed) in last])
     print(f"suite wall time this sitting: {time.perf_counter() - started:.0f} s "
-          f"({len(pending)} runs trained or resumed, {finished} finished earlier, "
-          f"{len(runs) - len(pending) - finished} left out)")
+          f"({len(pending)} runs trained or resumed, {len(finished)} finished earlier, "
+          f"{len(runs) - len(pending) - len(finished)} left out)")
     if failures:
         print(f"{len(failures)} of {len(runs)} runs failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
-
-
-def progress_of(run_dir: Path, suite: DictConfig) -> str:
-    """How far an unfinished run got: its last logged step of the suite's steps, or that it has not started."""
-    import json
-
-    stats = Path(run_dir) / "stats.jsonl"
-    lines = stats.read_text().splitlines() if stats.exists() else []
-    if not lines:
-        return "not started"
-    return f"step {json.loads(lines[-1])['step']} of {suite.train.steps} logged"
 
 
 def announce(cfg: DictConfig, suite: DictConfig, pending: list, finished: int, results_dir: Path,

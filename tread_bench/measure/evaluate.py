@@ -40,7 +40,7 @@ class EvalConfig:
     batch: int = 250
     sampler_steps: int = 40
     cfg_scale: float = 1.0
-    rate_guidance: Optional[list] = None  # [g1, g2, scale]
+    sparse_guidance: Optional[list] = None  # [strong rate, weak rate, scale] (diffusion/sampler.py)
     uncond_rate: Optional[float] = None   # with cfg_scale: CFG's unconditional branch at this forced rate (PDG: 1.0)
     seed: int = 12345            # the same noise and labels at every evaluation
     reference_split: str = "test"
@@ -280,7 +280,7 @@ class FIDEvaluator:
         else:
             self.reference = ImageReference(reference_name, to_uint8(reference))
         self.sampler = SamplerConfig(steps=cfg.sampler_steps, cfg_scale=cfg.cfg_scale,
-                                     rate_guidance=tuple(cfg.rate_guidance) if cfg.rate_guidance else None,
+                                     sparse_guidance=tuple(cfg.sparse_guidance) if cfg.sparse_guidance else None,
                                      uncond_rate=cfg.uncond_rate)
 
     def extractor(self, device):
@@ -370,7 +370,7 @@ class FIDEvaluator:
 
     def row(self, metrics: dict, precision: str) -> dict:
         """The evaluation row fragment: the metrics and the protocol that produced them."""
-        guidance = (f"rate {self.cfg.rate_guidance}" if self.cfg.rate_guidance
+        guidance = (f"sparse guidance {self.cfg.sparse_guidance}" if self.cfg.sparse_guidance
                     else f"cfg {self.cfg.cfg_scale:g}" + ("" if self.cfg.uncond_rate is None
                                                           else f", uncond rate {self.cfg.uncond_rate:g}")
                     if self.cfg.cfg_scale != 1 else "none")

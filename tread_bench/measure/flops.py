@@ -370,8 +370,8 @@ def pass_macs(net, data_shape, num_classes: int, force_rate=None) -> float:
 
 def sampling_macs(net, data_shape, num_classes: int, ev, full: float) -> float:
     """MACs of one guided evaluation in mode ``ev`` (an EvalConfig); ``full`` is one unreduced pass."""
-    if ev.rate_guidance:
-        g1, g2, _ = ev.rate_guidance
+    if ev.sparse_guidance:
+        g1, g2, _ = ev.sparse_guidance
         per_eval = pass_macs(net, data_shape, num_classes, g1)
         return per_eval + (0 if g1 == g2 else pass_macs(net, data_shape, num_classes, g2))
     if ev.cfg_scale == 1.0:

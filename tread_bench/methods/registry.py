@@ -79,7 +79,7 @@ class Method(nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor,
                 force_rate: Optional[float] = None, return_token_masks: bool = False):
         """The network output (same shape as ``x``). Tokens are reduced in training mode, or in any mode
-        at ``force_rate`` (selection-rate guidance, routed FLOP counts). With ``return_token_masks`` also
+        at ``force_rate`` (Sparse Guidance, routed FLOP counts). With ``return_token_masks`` also
         returns a list of (B, rows, cols) bool masks of the tokens reduced blocks processed (the
         route-aware loss; empty when nothing was reduced). A method with ``shapes_loss`` also takes
         ``return_loss_terms=True`` and then returns ``(out, LossTerms or None)`` (the objectives ask for it
