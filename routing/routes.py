@@ -7,6 +7,8 @@ from typing import Iterable, List, Mapping, Sequence, Tuple
 
 from tread_bench.core.errors import ConfigError
 
+from .selection import kept_count
+
 # The paper's notation: "2->8@0.5", "r(2->8)@0.5", a negative end counted from the top ("2->-4@0.5").
 _NOTATION = re.compile(r"^\s*(?:r\(\s*(-?\d+)\s*->\s*(-?\d+)\s*\)|(-?\d+)\s*->\s*(-?\d+))\s*@\s*(\S+)\s*$")
 HOW = 'write it as {start: 2, end: 8, rate: 0.5} or "2->8@0.5"'
@@ -26,9 +28,9 @@ class Route:
     def __str__(self) -> str:
         return f"r({self.start}->{self.end})@{self.rate:g}"
 
-    def num_routed(self, n: int) -> int:
-        # floor, as the official implementation: rate 0.5 of 256 tokens routes 128.
-        return int(n * self.rate)
+    def kept(self, n: int) -> int:
+        """Tokens of ``n`` the route's blocks run on (routing.selection.kept_count)."""
+        return kept_count(n, self.rate)
 
 
 def show_route(item) -> str:
@@ -84,12 +86,6 @@ def _number(value) -> float:
     return float(value)
 
 
-def route_dict(item) -> dict:
-    """One route entry (any notation route_fields accepts) as ``{start, end, rate}``; ``end`` as written."""
-    start, end, rate = route_fields(item)
-    return {"start": start, "end": end, "rate": rate}
-
-
 def parse_routes(spec: Iterable[Mapping | Route | str] | None, depth: int) -> List[Route]:
     """Build and validate routes for a backbone of ``depth`` blocks.
 
@@ -121,7 +117,7 @@ def validate_routes(routes: Sequence[Route], depth: int, num_tokens: int | None 
             raise ConfigError(f"route {route}: end {route.end} is beyond the last block {depth - 1}; use end <= {depth - 1}")
         if not 0.0 <= route.rate < 1.0:
             raise ConfigError(f"route {route}: rate {route.rate} must be in [0, 1) (it is the fraction of tokens routed)")
-        if num_tokens is not None and num_tokens - route.num_routed(num_tokens) < 1:
+        if num_tokens is not None and route.kept(num_tokens) < 1:
             raise ConfigError(f"route {route}: keeps no token out of {num_tokens}; lower the rate")
         if previous is not None and route.start <= previous.end:
             raise ConfigError(

@@ -108,7 +108,7 @@ def test_selection_is_per_sample_per_step_and_seeded():
 
 
 def test_random_selection_ids_ascending_and_unique():
-    ids = random_selection(5, 64, 40, torch.Generator().manual_seed(0), torch.device("cpu"))
+    ids = random_selection(5, 64, 24, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert ids.shape == (5, 24)
     assert torch.all(ids[:, 1:] > ids[:, :-1])
 

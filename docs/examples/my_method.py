@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from backbones.protocol import embed_tokens, full_positions
-from routing import gather_tokens, random_selection, scatter_tokens
+from routing import gather_tokens, kept_count, random_selection, scatter_tokens
 from tread_bench.core.errors import ConfigError
 from tread_bench.methods import SeededMethod, register_method
 
@@ -33,7 +33,7 @@ class KeepMiddle(SeededMethod):
         """Tokens the middle blocks see, a plain int (the FLOP counter traces forward: no tensor sizes)."""
         n = int(self.backbone.num_tokens)
         if force_rate is not None:
-            return n - int(n * force_rate)
+            return kept_count(n, force_rate)
         return int(n * self.keep) if self.training else n
 
     def forward(self, x, noise_labels, class_labels, force_rate=None, return_token_masks=False):
@@ -46,7 +46,7 @@ class KeepMiddle(SeededMethod):
         saved, ids = tokens, None
         if kept < n:
             rank, world = self.shard
-            ids = random_selection(batch * world, n, n - kept, self.generator, tokens.device)
+            ids = random_selection(batch * world, n, kept, self.generator, tokens.device)
             ids = ids[rank * batch:(rank + 1) * batch]
             tokens = gather_tokens(tokens, ids)
         for block in bb.blocks[1:-1]:

@@ -16,7 +16,7 @@ import torch
 from backbones.protocol import BlockStack, embed_tokens, full_positions
 from tread_bench.core.errors import ConfigError
 from routing.router import gather_tokens, scatter_tokens
-from routing.selection import SELECTIONS, select
+from routing.selection import SELECTIONS, kept_tokens, select
 
 from .registry import LossTerms, SeededMethod, register_method
 
@@ -65,10 +65,7 @@ class TokenDropper(SeededMethod):
 
     def kept_tokens(self, rate: float) -> int:
         """Tokens a sample keeps at drop ``rate``."""
-        (rows, cols), n = self.backbone.grid_size, self.backbone.num_tokens
-        if self.selection == "rows":
-            return (rows - int(rows * rate)) * cols
-        return n - int(n * rate)
+        return kept_tokens(self.backbone.num_tokens, self.backbone.grid_size, rate, self.selection)
 
     def draw(self, batch: int, rate: float, device) -> Tuple[torch.Tensor, Optional[Tuple[int, int]]]:
         """(B, kept) ascending kept ids of this process's samples, and the grid they form (rows) or None."""

@@ -18,7 +18,7 @@ from backbones.protocol import BlockStack, embed_tokens, full_positions
 from tread_bench.core.devices import to_device
 from tread_bench.core.errors import ConfigError
 from routing.router import gather_tokens, scatter_tokens
-from routing.selection import random_selection, row_selection
+from routing.selection import kept_count, random_selection, row_selection
 
 from .registry import SeededMethod, register_method
 
@@ -216,11 +216,11 @@ class SPRINT(SeededMethod):
                                   "choose such a ratio or grouping: rows")
             return n // (g * g)
         if self.selection == "rows":
-            kept_rows = rows - int(rows * rate)
+            kept_rows = kept_count(rows, rate)
             if kept_rows == 0:
                 raise ConfigError(f"sprint: drop ratio {rate:g} keeps no row of the {rows}-row grid; use a lower ratio")
             return kept_rows * cols
-        kept = n - int(n * rate)
+        kept = kept_count(n, rate)
         if kept == 0:
             raise ConfigError(f"sprint: drop ratio {rate:g} keeps no token of {n}; use a lower ratio")
         return kept
@@ -241,7 +241,7 @@ class SPRINT(SeededMethod):
             ids, kept_grid = row_selection(total, grid, rate, self.generator, device)
         else:
             n = self.backbone.num_tokens
-            ids = random_selection(total, n, int(n * rate), self.generator, device)
+            ids = random_selection(total, n, kept_count(n, rate), self.generator, device)
         return ids[rank * batch:(rank + 1) * batch], kept_grid
 
     def _path_dropped(self, batch: int, device) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from routing import RoutedNetwork, Route
 from routing.routes import parse_routes, validate_routes
+from routing.selection import kept_tokens
 
 from .registry import SeededMethod, register_method
 
@@ -34,12 +35,10 @@ class TREAD(RoutedNetwork, SeededMethod):
 
     def tokens_per_block(self, force_rate: Optional[float] = None) -> List[int]:
         bb = self.backbone
-        (rows, cols), n = bb.grid_size, bb.num_tokens
-        tokens = [n] * bb.depth
+        tokens = [bb.num_tokens] * bb.depth
         # a forced rate goes through active_routes, which refuses one the routes cannot run (no routes, >= 1)
         for r in self.routes if force_rate is None else self.active_routes(force_rate):
-            rate = r.rate
-            kept = (rows - int(rows * rate)) * cols if self.selection == "rows" else n - int(n * rate)
+            kept = kept_tokens(bb.num_tokens, bb.grid_size, r.rate, self.selection)
             tokens[r.start:r.end + 1] = [kept] * (r.end + 1 - r.start)
         return tokens
 
