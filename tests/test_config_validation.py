@@ -164,7 +164,7 @@ def test_a_suite_whose_runs_all_fail_writes_its_table_and_exits_1(tmp_path, caps
 def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monkeypatch):
     """The guidance kind trains through the train kind's lifecycle: a checkpoint of another configuration is deleted
     with the run's sampled modes, a matching one is kept; the sampling modes are not part of the configuration."""
-    import tread_bench.engine.training as training
+    import tread_bench.engine.lifecycle as lifecycle
     import tread_bench.kinds.guidance as guidance
 
     run_dir = tmp_path / "runs" / "guidance" / "tiny" / "dit-tiny-tread-seed0"
@@ -175,7 +175,7 @@ def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monke
         seen.append(((run_dir / "checkpoint.pt").exists(), (run_dir / "sampling.json").exists()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_one", train_one)
+    monkeypatch.setattr(lifecycle, "train_one", train_one)
     for hash_written, extra in (("another configuration", []), (None, ["+suite.sampling.cfg_mid={cfg_scale:2.0}"])):
         cfg = compose_suite(["suite=guidance", "scale=tiny", "only=tread-", *dirs(tmp_path), *extra])
         suite = tread_bench.engine.resolve_suite(cfg)

@@ -150,7 +150,7 @@ def _peak_after_allocating(mib):
 
 
 def test_a_run_process_killed_by_the_kernel_is_one_failure_line():
-    from tread_bench.engine.dryrun import run_in_fresh_process
+    from tread_bench.core.processes import run_in_fresh_process
 
     with pytest.raises(RuntimeError, match=r"killed by signal SIGKILL \(SIGKILL: most likely the kernel's "
                                            r"out-of-memory killer\) before reporting a result"):
@@ -159,7 +159,7 @@ def test_a_run_process_killed_by_the_kernel_is_one_failure_line():
 
 def test_a_fresh_process_reports_its_own_peak():
     """The child's peak includes the 300 MiB tensor it allocated; the parent's 400 MiB are not in it."""
-    from tread_bench.engine.dryrun import run_in_fresh_process
+    from tread_bench.core.processes import run_in_fresh_process
 
     ballast = torch.ones(400 * 2**18)  # 400 MiB in this process: a fresh child must not count it
     before, peak, last = run_in_fresh_process(_peak_after_allocating, 300)

@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 
 from tread_bench.engine.spec import RunSpec
 from tread_bench.engine.tables import COMMITTED_RESULTS, committed_training_time
-from tread_bench.engine.training import Progress
-from tread_bench.engine.training import progress_of
+from tread_bench.engine.lifecycle import Progress
+from tread_bench.engine.lifecycle import progress_of
 from tread_bench.engine.spec import resolve_suite
 from suite_helpers import compose_suite, run
 
@@ -48,7 +48,7 @@ def test_a_run_configured_otherwise_than_the_committed_one_gets_no_estimate(caps
 
 def test_progress_counts_runs_and_estimates_the_rest_at_the_pace_so_far(capsys, monkeypatch):
     clock = iter([0.0, 60.0, 150.0])
-    monkeypatch.setattr("tread_bench.engine.training.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("tread_bench.engine.lifecycle.time.perf_counter", lambda: next(clock))
     progress = Progress(3)
     progress.done("a", True)   # 60 s for 1 run: 2 left at that pace = 120 s, shown in minutes from 90 s
     progress.done("b", False)  # 150 s for 2: 1 left = 75 s

@@ -30,9 +30,9 @@ import os
 import time
 from pathlib import Path
 
-from tread_bench.engine import training
+from tread_bench.engine import lifecycle
 
-_start_worker = training._start_worker
+_start_worker = lifecycle._start_worker
 
 
 def slow_start(parent_pid, *rest):
@@ -60,9 +60,9 @@ import sys
 
 sys.path.insert(0, os.getcwd())  # this checkout's packages, as python run_suite.py finds them
 import slow_workers
-from tread_bench.engine import training
+from tread_bench.engine import lifecycle
 
-training._start_worker = slow_workers.slow_start
+lifecycle._start_worker = slow_workers.slow_start
 sys.argv = ["run_suite.py", *sys.argv[1:]]
 runpy.run_path("run_suite.py", run_name="__main__")
 '''

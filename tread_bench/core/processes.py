@@ -4,11 +4,15 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import queue as queue_module
 import signal
 import threading
 import time
+import traceback
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
+
+from .errors import ConfigError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -90,3 +94,53 @@ def die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def _child(fn: Callable, args: tuple, results, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    try:
+        results.put(("ok", fn(*args)))
+    except ConfigError as err:
+        results.put(("config", str(err)))
+    except BaseException as err:  # reported to the parent as the run's failure, with the traceback
+        traceback.print_exc()
+        results.put(("error", f"{type(err).__name__}: {err}".splitlines()[0]))
+
+
+def run_in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a new spawned process (fn and args picklable); returns its value. A ConfigError in it is
+    raised here; any other failure, or the process being killed (e.g. by the kernel's OOM killer), raises
+    RuntimeError with one line saying what happened."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, results, os.getpid()))
+    with spawning_children():  # a Ctrl-C meanwhile reaches this process, never the child still starting up
+        proc.start()
+    outcome = None
+    try:
+        while outcome is None:  # read before joining: a child blocks on exit until its queued result is read
+            try:
+                outcome = results.get(timeout=2)
+            except queue_module.Empty:
+                if not proc.is_alive():
+                    try:
+                        outcome = results.get(timeout=2)  # put just before it exited
+                    except queue_module.Empty:
+                        break
+    except Stopped:
+        proc.terminate()  # its checkpoint is atomic: a stop mid-save leaves the previous one
+        proc.join()
+        raise
+    proc.join()
+    if outcome is None:
+        code = proc.exitcode
+        how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exited with code {code}")
+        hint = " (SIGKILL: most likely the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
+        raise RuntimeError(f"the run's process {how}{hint} before reporting a result")
+    status, value = outcome
+    if status == "config":
+        raise ConfigError(value)
+    if status == "error":
+        raise RuntimeError(value)
+    return value

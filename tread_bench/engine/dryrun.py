@@ -1,105 +1,31 @@
 """``scale=dryrun``: every run of a paper suite at full model size for 2 steps, each in a fresh process, and its
 peak memory next to plan=true's estimate (``results/dryrun.csv`` and ``.md``).
 
-Runs are set by suites/suite_scale/common_dryrun.yaml; a fresh process per run (:func:`run_in_fresh_process`) makes
-its peak RSS that run's own. :func:`peak_memory` takes the measurements, :func:`write_dryrun_table` writes the
-table, and the final checkpoint is saved at full size, then deleted (:func:`drop_checkpoint`).
+Runs are set by suites/suite_scale/common_dryrun.yaml; a fresh process per run (tread_bench.core.processes.
+run_in_fresh_process) makes its peak RSS that run's own. tread_bench.measure.memory.peak_memory takes the
+measurements, :func:`write_dryrun_table` writes the table, and the final checkpoint is saved at full size, then
+deleted (tread_bench.training.checkpoint.delete_checkpoint).
 Details: docs/internals.md#tread_benchenginedryrunpy
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue as queue_module
-import shutil
-import signal
 import time
-import traceback
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tread_bench.core.errors import ConfigError
-from tread_bench.core.processes import Stopped, die_with_parent, spawning_children
-from tread_bench.measure.memory import peak_rss_mib, rss_mib
+from tread_bench.core.processes import run_in_fresh_process
+from tread_bench.measure.memory import peak_memory, rss_mib
 from tread_bench.measure.results import environment, tables_lock, upsert_csv, write_markdown
-from tread_bench.training.checkpoint import CHECKPOINT_PATHS
+from tread_bench.training.checkpoint import delete_checkpoint
 from tread_bench.training.precision import resolve_precision
 
 from .kinds import SUITE_KINDS
 
 TABLE = "dryrun"   # results/dryrun.csv and .md, one row per (suite, run)
-
-
-def peak_memory(device: str) -> dict:
-    """This process's peak RSS (MiB) and, on CUDA, the allocator's peak (torch.cuda.max_memory_allocated)."""
-    out = {"peak_rss_mib": peak_rss_mib()}
-    if torch.device(device).type == "cuda":
-        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
-def _child(fn: Callable, args: tuple, results, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    try:
-        results.put(("ok", fn(*args)))
-    except ConfigError as err:
-        results.put(("config", str(err)))
-    except BaseException as err:  # reported to the parent as the run's failure, with the traceback
-        traceback.print_exc()
-        results.put(("error", f"{type(err).__name__}: {err}".splitlines()[0]))
-
-
-def run_in_fresh_process(fn: Callable, *args):
-    """``fn(*args)`` in a new spawned process (fn and args picklable); returns its value. A ConfigError in it is
-    raised here; any other failure, or the process being killed (e.g. by the kernel's OOM killer), raises
-    RuntimeError with one line saying what happened."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, results, os.getpid()))
-    with spawning_children():  # a Ctrl-C meanwhile reaches this process, never the child still starting up
-        proc.start()
-    outcome = None
-    try:
-        while outcome is None:  # read before joining: a child blocks on exit until its queued result is read
-            try:
-                outcome = results.get(timeout=2)
-            except queue_module.Empty:
-                if not proc.is_alive():
-                    try:
-                        outcome = results.get(timeout=2)  # put just before it exited
-                    except queue_module.Empty:
-                        break
-    except Stopped:
-        proc.terminate()  # its checkpoint is atomic: a stop mid-save leaves the previous one
-        proc.join()
-        raise
-    proc.join()
-    if outcome is None:
-        code = proc.exitcode
-        how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exited with code {code}")
-        hint = " (SIGKILL: most likely the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
-        raise RuntimeError(f"the run's process {how}{hint} before reporting a result")
-    status, value = outcome
-    if status == "config":
-        raise ConfigError(value)
-    if status == "error":
-        raise RuntimeError(value)
-    return value
-
-
-def drop_checkpoint(run_dir: Path) -> None:
-    """Delete a finished dry run's checkpoint (written, so the save is exercised; its weights are worth nothing)."""
-    for name in CHECKPOINT_PATHS:
-        path = Path(run_dir) / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def plan_memory(run, suite: DictConfig, device: str, processes: int = 1) -> dict:
@@ -205,7 +131,7 @@ def run_isolated_suite(cfg: DictConfig, suite: DictConfig) -> int:
         measured, status = {"status": "failed", "error": str(err)}, "failed"
     if status == "ok":
         for folder in (Path(cfg.runs_dir) / suite.name / cfg.scale.name).glob("*"):
-            drop_checkpoint(folder)
+            delete_checkpoint(folder)
     steps = int(suite.train.steps) if status == "ok" else None
     rows = [dryrun_row(run, suite, {**measured, "steps": steps}, device) for run in runs]
     write_dryrun_table(cfg, rows)
@@ -214,15 +140,3 @@ def run_isolated_suite(cfg: DictConfig, suite: DictConfig) -> int:
               f"{row.get('run_wall_s') or float('nan'):.0f} s{'; ' + row['error'] if row['error'] else ''}")
     print(f"suite wall time this sitting: {time.perf_counter() - started:.0f} s")
     return 0 if status == "ok" else 1
-
-
-def run_suite_kind(cfg: DictConfig, suite: DictConfig) -> int:
-    """Run the suite's kind (registered in tread_bench/engine/kinds.py). Under scale=dryrun a kind that does not put
-    each run in a fresh process itself runs whole in one (not under accelerate launch, whose processes run
-    together)."""
-    from accelerate import PartialState
-
-    kind = SUITE_KINDS[suite.get("kind", "train")]
-    if suite.get("dryrun") and not kind.isolates_dryrun_runs and PartialState().num_processes == 1:
-        return run_isolated_suite(cfg, suite)
-    return kind.run(cfg, suite)

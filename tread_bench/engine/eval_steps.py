@@ -69,7 +69,7 @@ def assign_eval_steps(runs: list, suite: DictConfig, data_shape, num_classes: in
 
 def _cumulative_flops(run, total: int, batch: int, data_shape, num_classes: int) -> list[float]:
     """Training FLOPs after 0, 1, ..., ``total`` steps (the schedule's stages included), as the runs table counts
-    them (tread_bench.engine.training.train_one)."""
+    them (tread_bench.engine.lifecycle.train_one)."""
     import torch
 
     from tread_bench.measure.flops import train_macs_per_stage

@@ -58,3 +58,16 @@ def register_suite_kind(name: str, keys: Optional[type] = None, rules: Optional[
 
 def list_suite_kinds() -> list:
     return SUITE_KINDS.names()
+
+
+def run_suite_kind(cfg: DictConfig, suite: DictConfig) -> int:
+    """Run the suite's kind. Under scale=dryrun a kind that does not put each run in a fresh process itself runs
+    whole in one (tread_bench/engine/dryrun.py; not under accelerate launch, whose processes run together)."""
+    from accelerate import PartialState
+
+    kind = SUITE_KINDS[suite.get("kind", "train")]
+    if suite.get("dryrun") and not kind.isolates_dryrun_runs and PartialState().num_processes == 1:
+        from .dryrun import run_isolated_suite
+
+        return run_isolated_suite(cfg, suite)
+    return kind.run(cfg, suite)

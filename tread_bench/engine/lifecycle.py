@@ -1,5 +1,8 @@
-"""Training a suite's runs: one run trained (or resumed) and evaluated into table rows, and the three ways a
-suite's pending runs are executed. The train and guidance kinds both train through here."""
+"""A run's lifecycle, for every suite kind that trains (train, guidance): the suite's runs sorted into finished
+and pending, each pending run's folder locked and prepared (``collect_runs``); pending runs trained (or resumed)
+and evaluated into table rows, in this process, in ``suite.jobs`` worker processes or each in a fresh process
+(``train_pending``); a finished run's EMA model read back (``trained_ema``). The training loop itself is
+tread_bench/training/trainer.py; the suite kinds are tread_bench/kinds/."""
 from __future__ import annotations
 
 import json
@@ -115,7 +118,7 @@ def train_one(run: RunSpec, suite: DictConfig, data, run_dir: Path, device: str,
                "loss": sum(recent) / len(recent)}
         final = tr.step >= tr.cfg.steps
         if memory is not None and final:
-            from .dryrun import peak_memory
+            from tread_bench.measure.memory import peak_memory
 
             memory.update({f"train_{k}": v for k, v in peak_memory(device).items()})
         if loss is not None:
@@ -290,7 +293,7 @@ def _worker(job: dict) -> tuple[list[dict], bool]:
     rows, ok = train_and_record(job["run"], suite, data, Path(job["run_dir"]), job["device"], job["snapshot"],
                                  job["base"], job["tracker"], memory)
     if memory is not None and rows:  # this process ran this one run: its peak is the run's
-        from .dryrun import peak_memory
+        from tread_bench.measure.memory import peak_memory
 
         measured = {"base_rss_mib": base_rss, **memory, **peak_memory(job["device"]),
                     "run_wall_s": time.perf_counter() - started}
@@ -358,7 +361,8 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
             rows.extend(run_rows)
             failures += [] if ok else [run.dir_name]
     elif dryrun:  # one run at a time (suite.jobs is not read): the machine's memory is for one full-size run
-        from .dryrun import drop_checkpoint, run_in_fresh_process
+        from tread_bench.core.processes import run_in_fresh_process
+        from tread_bench.training.checkpoint import delete_checkpoint
 
         threads = max(1, os.cpu_count() or 1)
         print(f"dry run: {len(pending)} runs, one at a time, each in a fresh process with {threads} thread(s)")
@@ -372,7 +376,7 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
             if not run_rows:  # held by another process
                 continue
             if ok:
-                drop_checkpoint(run_dir)
+                delete_checkpoint(run_dir)
             last = run_rows[-1]
             print(f"[{run.dir_name}] {'done' if ok else 'FAILED'}: peak RSS {last.get('peak_rss_mib', float('nan')):.0f}"
                   f" MiB (training {last.get('train_peak_rss_mib', float('nan')):.0f}), "

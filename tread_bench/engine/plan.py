@@ -52,7 +52,7 @@ def plan_row(run, suite: DictConfig, shape, num_classes: int, gpus: int, mfu: Op
     cost = training_cost(net, run_stages(run), shape, num_classes, steps, int(train.global_batch), gpus,
                          resolve_precision(train.get("precision", "auto"), "cuda"), mfu)
     eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}, resolve=True))
-    # latent suites evaluate the held-out loss only with a latent folder of held-out images (engine/training.py)
+    # latent suites evaluate the held-out loss only with a latent folder of held-out images (engine/lifecycle.py)
     loss = eval_cfg.loss_images > 0 and (suite.data.get("name") != "latents" or bool(eval_cfg.loss_path))
     nfe = build_objective(**run.objective).nfe(int(eval_cfg.sampler_steps))
     ev = evaluation_cost(net, shape, num_classes, eval_cfg, nfe, steps, cost["mfu"], loss)

@@ -7,7 +7,7 @@ Modes (``suite.sampling``, each an EvalConfig fragment) apply to every method un
 sparsity rate to force (the baseline, a TREAD network without routes, has none), path-drop guidance
 (``{cfg_scale: s, uncond_rate: 1.0, kinds: [sprint]}``) needs a sparse path to drop.
 
-Training is the train kind's (tread_bench.engine.training: locked, resumable run folders, ``suite.jobs`` runs at a
+Training is the train kind's (tread_bench.engine.lifecycle: locked, resumable run folders, ``suite.jobs`` runs at a
 time on the CPU); the training configuration leaves ``suite.sampling`` out, so adding a mode samples the trained
 models again without retraining them. Each run's finished modes are kept in its ``sampling.json``: a stopped suite
 resumes at the first mode it had not finished.
@@ -34,7 +34,7 @@ from tread_bench.core.io import atomic_write_text
 from tread_bench.engine.kinds import register_suite_kind
 from tread_bench.engine.schema import check_section, check_uncond_rate
 from tread_bench.engine.spec import build_run_network, config_hash, load_suite_data, pick_device, prepare_runs
-from tread_bench.engine.training import collect_runs, fid_reference, run_in_workers, train_pending, trained_ema
+from tread_bench.engine.lifecycle import collect_runs, fid_reference, run_in_workers, train_pending, trained_ema
 from tread_bench.measure.results import environment, tables_lock, upsert_csv
 
 SAMPLING_FILE = "sampling.json"  # a run's finished modes: {mode: row}

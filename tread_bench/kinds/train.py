@@ -17,7 +17,7 @@ from tread_bench.engine.kinds import register_suite_kind
 from tread_bench.engine.schema import SUITES_DIR, group_options, suggest
 from tread_bench.engine.spec import load_suite_data, pick_device, prepare_runs
 from tread_bench.engine.tables import committed_training_time, runs_table_name
-from tread_bench.engine.training import collect_runs, fid_reference, train_pending
+from tread_bench.engine.lifecycle import collect_runs, fid_reference, train_pending
 from tread_bench.measure.results import read_table, tables_lock, upsert_csv
 
 # A run's rows (one per evaluation) are replaced together: a rerun never leaves rows of an earlier attempt.

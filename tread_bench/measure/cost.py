@@ -242,7 +242,7 @@ def evaluation_points(steps: int, every: int) -> int:
 
 def evaluation_cost(net: nn.Module, data_shape, num_classes: int, eval_cfg, nfe: int, steps: int, mfu: float,
                     held_out_loss: bool) -> dict:
-    """The evaluation of one run (tread_bench/engine/training.py's on_eval) in MACs: per point, the FID samples'
+    """The evaluation of one run (tread_bench/engine/lifecycle.py's on_eval) in MACs: per point, the FID samples'
     ``nfe`` sampler evaluations each (x2 with CFG: flops.sampling_macs), their VAE decode (eval_cfg.vae) and
     Inception features; the held-out loss (``held_out_loss``: loss_images x loss_levels passes) and the sample
     grid; in total over the points (FID at every point, or the final one); GPU-hours at ``mfu``."""

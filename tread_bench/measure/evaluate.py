@@ -59,7 +59,7 @@ class EvalConfig:
     loss_seed: int = 2024
     loss_batch: int = 256
     loss_split: str = "test"
-    loss_path: Optional[str] = None       # latent suites: a latent folder of held-out images (tread_bench/engine/training.py)
+    loss_path: Optional[str] = None       # latent suites: a latent folder of held-out images (tread_bench/engine/lifecycle.py)
     # a sample grid at every evaluation point: grid_per_class rows of up to 10 classes; 0 = off
     grid_per_class: int = 0
     grid_seed: int = 7

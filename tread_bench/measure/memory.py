@@ -110,7 +110,7 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory, MiB (VmHWM: since start, or since :func:`reset_peak_rss`). In a process
-    started for one run (tread_bench/engine/training.py's dry run), it is that run's peak."""
+    started for one run (tread_bench/engine/lifecycle.py's dry run), it is that run's peak."""
     return _peak_mb()
 
 
@@ -194,3 +194,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def peak_memory(device: str) -> dict:
+    """This process's peak RSS (MiB) and, on CUDA, the allocator's peak (torch.cuda.max_memory_allocated)."""
+    out = {"peak_rss_mib": peak_rss_mib()}
+    if torch.device(device).type == "cuda":
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

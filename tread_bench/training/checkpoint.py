@@ -19,7 +19,7 @@ from safetensors.torch import load_model, save_model
 from tread_bench.core.errors import CheckpointError
 from tread_bench.core.io import atomic_write_text
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint",
+__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "delete_checkpoint",
            "CHECKPOINT_DIR", "CHECKPOINT_PATHS", "CheckpointError"]
 
 FORMAT = "tread-bench-checkpoint/2"  # /2: the manifest holds each file's SHA-256, checked on load
@@ -202,3 +202,14 @@ def load_checkpoint(path, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
         except Exception as err:  # header or data damaged, or weights of another model
             raise _error(path / name, "unreadable or not this model's weights", err, path) from None
     return state
+
+
+def delete_checkpoint(run_dir) -> None:
+    """Delete every checkpoint path of a run folder (a finished dry run's: written, so the save is exercised; its
+    weights are worth nothing)."""
+    for name in CHECKPOINT_PATHS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
