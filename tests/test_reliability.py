@@ -124,8 +124,9 @@ def test_latent_shape_and_scaling_mismatch(tmp_path):
 
     folder = tmp_path / "lat"
     folder.mkdir()
-    np.savez(folder / "shard_00000.npz", latents=np.zeros((4, 8, 32, 32), np.float16), labels=np.zeros(4, np.int64))
-    meta = {"shape": [8, 32, 32], "scaling_factor": 0.18215, "shards": ["shard_00000.npz"]}
+    np.save(folder / "latents_00000.npy", np.zeros((4, 8, 32, 32), np.float16))
+    np.save(folder / "labels_00000.npy", np.zeros(4, np.int64))
+    meta = {"shape": [8, 32, 32], "scaling_factor": 0.18215, "shards": ["latents_00000.npy"]}
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="8 channels.*mean\\+logvar"):
         load_latents(str(folder), expected_resolution=32, expected_channels=4)

@@ -7,9 +7,9 @@ Images are center-cropped as in ADM (downsample with BOX while the short side is
 BICUBIC to the target, then crop the center), encoded with diffusers' AutoencoderKL, and a sample of
 the posterior (seeded per shard, so reruns are identical) times the scaling factor is stored as float16,
 one ``latents_XXXXX.npy`` + ``labels_XXXXX.npy`` pair per shard (read out of core by tread_bench/data/latents.py).
-Resumable: a shard whose files exist is skipped (labels are written first, latents last, each atomically;
-a ``shard_XXXXX.npz`` of an earlier version of this encoder counts as done); meta.json (see tread_bench/data/latents.py)
-is rewritten atomically after every shard, so a killed run loses at most the shard it was writing.
+Resumable: a shard whose files exist is skipped (labels are written first, latents last, each atomically);
+meta.json (see tread_bench/data/latents.py) is rewritten atomically after every shard, so a killed run loses at
+most the shard it was writing.
 """
 from __future__ import annotations
 
@@ -70,8 +70,6 @@ def encode_folder(images: str, out: str, vae="stabilityai/sd-vae-ft-ema", resolu
     num_shards = (len(items) + shard_size - 1) // shard_size
     for s in tqdm(range(num_shards), desc="shards"):
         name = f"latents_{s:05d}.npy"
-        if (out_dir / f"shard_{s:05d}.npz").exists():  # written by the npz version of this encoder
-            name = f"shard_{s:05d}.npz"
         chunk = items[s * shard_size:(s + 1) * shard_size]
         if not (out_dir / name).exists():
             g = torch.Generator(device).manual_seed(s)

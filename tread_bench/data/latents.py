@@ -1,8 +1,7 @@
 """Precomputed latent arrays: a folder of shards plus ``meta.json``, read out of core.
 
 ``meta.json`` names the shape, scaling_factor, num_classes and shards; ``latents_<k>.npy`` holds (n, C, H, W)
-float16/float32 already multiplied by scaling_factor, ``labels_<k>.npy`` (n,) integer labels (``.npz`` shards are
-read too). Only the labels stay in memory: ``images[idx]`` reads rows with positional reads (``os.preadv``), not a
+float16/float32 already multiplied by scaling_factor, ``labels_<k>.npy`` (n,) integer labels. Only the labels stay in memory: ``images[idx]`` reads rows with positional reads (``os.preadv``), not a
 memory map, so the process's memory stays flat as the set grows. Shape, dtype and scaling are checked at start.
 Details: docs/internals.md#tread_benchdatalatentspy
 """
@@ -10,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,25 +41,6 @@ def _npy_header(f, start: int, where: str):
     if fortran and len(shape) > 1:
         raise ConfigError(f"{where} is stored in Fortran order; re-save it C-contiguous (np.save of np.ascontiguousarray)")
     return tuple(shape), dtype, f.tell()
-
-
-def _stored_member(path: Path, key: str):
-    """(shape, dtype, offset) of the uncompressed member ``key``.npy inside the zip ``path``, or None when
-    it is compressed (then it cannot be read in place)."""
-    with zipfile.ZipFile(path) as z:
-        try:
-            info = z.getinfo(key + ".npy")
-        except KeyError:
-            raise ConfigError(f"{path} has no '{key}' array; re-encode this shard") from None
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ConfigError(f"{path} is a damaged zip file; re-encode this shard")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        return _npy_header(f, info.header_offset + 30 + name_len + extra_len, f"{path}:{key}")
 
 
 class ShardedLatents:
@@ -175,42 +153,15 @@ def save_npy(path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _convert_compressed(shard: Path) -> Path:
-    """The latents of a compressed npz, written once as ``<stem>.latents.npy`` beside it."""
-    target = shard.with_name(shard.stem + ".latents.npy")
-    if not target.exists():
-        print(f"latents: {shard.name} is a compressed npz, which cannot be read in place; "
-              f"converting its latents once to {target.name}")
-        with np.load(shard) as z:
-            x = np.ascontiguousarray(z["latents"])
-        try:
-            atomic_write(target, lambda tmp: save_npy(tmp, x))
-        except OSError as err:
-            raise ConfigError(f"cannot write {target} ({err.strerror}); convert the compressed shards of "
-                              f"{shard.parent} with write access once (any load does it), or re-encode") from None
-    return target
-
-
 def _open_shard(root: Path, name: str):
     """(latents file, byte offset, shape, dtype, labels array) of one shard, without reading its latents."""
     shard = root / name
     if name.endswith(".npz"):
-        if not shard.exists():
-            raise ConfigError(f"missing latent shard {shard}; re-run the encoder (it resumes) or fix "
-                              "suite.data.kwargs.path")
-        member = _stored_member(shard, "latents")
-        if member is None:
-            latents_file = _convert_compressed(shard)
-            with open(latents_file, "rb") as f:
-                member = _npy_header(f, 0, str(latents_file))
-        else:
-            latents_file = shard
-        with np.load(shard) as z:
-            labels = z["labels"]
-        return latents_file, member[2], member[0], member[1], labels
+        raise ConfigError(f"latent shard {shard} is an .npz, which this version does not read; re-encode the folder with "
+                          "python -m tread_bench.data.encode_latents (latents_<id>.npy + labels_<id>.npy shards)")
     if not name.endswith(".npy") or not name.startswith("latents_"):
-        raise ConfigError(f"latent shard name '{name}' in {root / 'meta.json'} is neither latents_<id>.npy "
-                          "(with labels_<id>.npy beside it) nor an .npz; fix meta.json")
+        raise ConfigError(f"latent shard name '{name}' in {root / 'meta.json'} is not latents_<id>.npy (with "
+                          "labels_<id>.npy beside it); fix meta.json")
     label_file = root / labels_name(name)
     for f in (shard, label_file):
         if not f.exists():
