@@ -208,5 +208,5 @@ def test_lightningdit_trains_with_tread_through_the_arch_agnostic_suite(tmp_path
     assert set(table.backbone) == {"lightningdit"} and set(table.status) == {"ok"}
     assert sorted(set(table.method)) == ["baseline", "tread"]
     tread = table[table.method == "tread"]
-    assert set(tread.setting) == {"r(1->3)@0.5"} and set(tread.selection) == {"random"}
+    assert set(tread.setting) == {"r(2->2)@0.5"} and set(tread.selection) == {"random"}
     assert (table.steps == 12).all() and table.final_loss.notna().all()

@@ -99,7 +99,7 @@ def test_guidance_tiny(tmp_path):
     assert table.fid.notna().all() and table.kid.notna().all() and (table.nfe == 3).all()  # Heun: 2 * 2 - 1
     cost = table.set_index(["method", "mode"]).cost_vs_unguided
     assert (cost[:, "unguided"] == 1).all() and (cost[:, "cfg_high"] == 2).all()
-    # TREAD r(1->3) on the tiny DiT (6 blocks, 64 tokens): a pass at rate r runs blocks 1-2 on 64 - floor(64 r)
+    # TREAD r(2->2) on the tiny DiT (6 blocks, 64 tokens): a pass at rate r runs block 2 on 64 - floor(64 r)
     # tokens; Sparse Guidance runs one pass at each rate, so its cost lies between one and two full passes
     assert 1 < cost["tread", "sg_a"] < cost["tread", "sg_b"] < 2 and cost["tread", "sg_b"] == cost["tread", "sg_c"]
     # hand count of tests/test_sprint.py (test_flops_match_a_hand_count_with_the_fusion_layer): dense pass vs
