@@ -1,10 +1,10 @@
 """The scale-overlay audit: which keys a suites/suite_scale/ file sets, and which of them change what runs."""
 from tread_bench.engine.scale_audit import audit, changes_what_runs, set_keys
 
-# issue 31: the overlays that still change what runs (backbone lists, MaskDiT decoder widths, the route grid on
-# the 6-block tiny size); none may be added, and each one fixed leaves this set
+# issue 31: the overlays that still change what runs (backbone lists, MaskDiT decoder widths); none may be added,
+# and each one fixed leaves this set
 STILL_CHANGING = {"arch_agnostic_cpu.yaml", "crossover_tiny.yaml", "methods_cpu.yaml", "methods_flops_tiny.yaml",
-                  "methods_throughput_cpu.yaml", "methods_tiny.yaml", "route_ablation_tiny.yaml"}
+                  "methods_throughput_cpu.yaml", "methods_tiny.yaml"}
 
 
 def test_keys_of_a_suite_package_and_a_global_package_overlay(tmp_path):
