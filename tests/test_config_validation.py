@@ -172,7 +172,7 @@ def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monke
     seen = []
 
     def train_one(run, suite, data, run_dir, device, snapshot, tracker="none", memory=None):  # stops where training would start
-        seen.append(((run_dir / "checkpoint.pt").exists(), (run_dir / "sampling.json").exists()))
+        seen.append(((run_dir / "checkpoint.pt").exists(), (run_dir / "sampling" / "cfg_low.json").exists()))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(lifecycle, "train_one", train_one)
@@ -180,7 +180,8 @@ def test_guidance_resumes_only_a_checkpoint_of_its_configuration(tmp_path, monke
         cfg = compose_suite(["suite=guidance", "scale=tiny", "only=tread-", *dirs(tmp_path), *extra])
         suite = tread_bench.engine.resolve_suite(cfg)
         (run_dir / "checkpoint.pt").write_text("weights")
-        (run_dir / "sampling.json").write_text("{}")
+        (run_dir / "sampling").mkdir(exist_ok=True)
+        (run_dir / "sampling" / "cfg_low.json").write_text("{}")
         if hash_written:
             (run_dir / "config_hash").write_text(hash_written)
         with pytest.raises(KeyboardInterrupt):

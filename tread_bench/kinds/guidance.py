@@ -9,8 +9,9 @@ sparsity rate to force (the baseline, a TREAD network without routes, has none),
 
 Training is the train kind's (tread_bench.engine.lifecycle: locked, resumable run folders, ``suite.jobs`` runs at a
 time on the CPU); the training configuration leaves ``suite.sampling`` out, so adding a mode samples the trained
-models again without retraining them. Each run's finished modes are kept in its ``sampling.json``: a stopped suite
-resumes at the first mode it had not finished.
+models again without retraining them. Each run's finished modes are kept in its ``sampling/<mode>.json``: a
+stopped suite resumes at the modes it had not finished. Sampling shares the (run, mode) pairs among ``suite.jobs``
+worker processes on the CPU.
 
 Sampling cost per image = network evaluations (the objective's sampler: EDM Heun 2 * steps - 1, flow Heun
 2 * steps, flow Euler steps) x MACs of the passes per evaluation: one full pass (unguided), two full passes
@@ -37,7 +38,7 @@ from tread_bench.engine.spec import build_run_network, config_hash, load_suite_d
 from tread_bench.engine.lifecycle import collect_runs, fid_reference, run_in_workers, train_pending, trained_ema
 from tread_bench.measure.results import environment, tables_lock, upsert_csv
 
-SAMPLING_FILE = "sampling.json"  # a run's finished modes: {mode: row}
+SAMPLING_DIR = "sampling"  # a run's finished modes: sampling/<mode>.json, its row
 ROW_KEY = ["suite", "scale", "backbone", "size", "method", "seed", "mode"]
 
 
@@ -138,7 +139,7 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
 
     train_suite = training_suite(suite)
     resolved = OmegaConf.to_container(train_suite, resolve=True)
-    _, pending, finished = collect_runs(cfg, train_suite, runs, resolved, device, data, extra_state=(SAMPLING_FILE,))
+    _, pending, finished = collect_runs(cfg, train_suite, runs, resolved, device, data, extra_state=(SAMPLING_DIR,))
     if pending:
         print(f"{suite.name} ({cfg.scale.name}): {len(pending)} runs to train, then every run sampled in its modes")
     _, failures = train_pending(pending, cfg, train_suite, data, device, resolved)
@@ -148,9 +149,11 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
         return 1 if failures else 0
 
     FIDEvaluator(EvalConfig(**base_eval), *reference, data.num_classes).prepare_reference()  # once, not per worker
+    # one job per (run, mode): the workers share the modes evenly, whichever model they belong to
     jobs = [{"run": run, "run_dir": str(run_dir), "suite": OmegaConf.to_container(suite, resolve=True),
-             "train_suite": resolved, "modes": run_modes[run.dir_name], "device": device, "scale": cfg.scale.name,
-             "imports": list(cfg.get("imports") or [])} for run, run_dir in trained]
+             "train_suite": resolved, "modes": {mode: spec}, "device": device, "scale": cfg.scale.name,
+             "imports": list(cfg.get("imports") or [])}
+            for run, run_dir in trained for mode, spec in run_modes[run.dir_name].items()]
     workers = max(1, min(int(suite.get("jobs", 1)), len(jobs))) if device != "cuda" else 1
     rows = []
     if workers == 1:
@@ -158,13 +161,14 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
             rows += sample_modes({**job, "threads": 0})
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        print(f"sampling {len(jobs)} runs in {workers} worker processes, {threads} thread(s) each")
+        print(f"sampling {len(trained)} runs in {len(jobs)} modes in all, {workers} worker processes, "
+              f"{threads} thread(s) each")
 
         def done(k, result, err):
             if err is not None:
-                failures.append(jobs[k]["run"].dir_name)
-                print(f"[{jobs[k]['run'].dir_name}] sampling FAILED: {type(err).__name__}: {err}".splitlines()[0],
-                      file=sys.stderr)
+                name = f"{jobs[k]['run'].dir_name} {next(iter(jobs[k]['modes']))}"
+                failures.append(name)
+                print(f"[{name}] sampling FAILED: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
             else:
                 rows.extend(result)
 
@@ -180,8 +184,8 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
 
 
 def sample_modes(job: dict) -> list[dict]:
-    """One trained run sampled in each of its modes (in a worker process or this one): its rows, one per mode.
-    Modes finished earlier under the same configuration are read from the run's sampling.json."""
+    """One trained run sampled in each mode of ``job["modes"]`` (in a worker process or this one): its rows, one per
+    mode. A mode finished earlier under the same configuration is read back from the run's sampling/<mode>.json."""
     import torch
 
     from tread_bench.engine.imports import import_user_modules
@@ -200,17 +204,17 @@ def sample_modes(job: dict) -> list[dict]:
     den, objective = trained_ema(run, train_suite, data, run_dir)
     den.to(device)
     digest = config_hash({"suite": job["train_suite"], "run": asdict(run)})
-    done_file = run_dir / SAMPLING_FILE
-    done = json.loads(done_file.read_text()) if done_file.exists() else {}
     nfe = objective.nfe(int(base_eval["sampler_steps"]))
     full = pass_macs(den.net, data.shape, data.num_classes)
     rows = []
     for mode, spec in job["modes"].items():
         ev = EvalConfig(**{**base_eval, **spec})
         mode_hash = config_hash({"train": digest, "eval": asdict(ev)})
-        if done.get(mode, {}).get("mode_hash") == mode_hash:
-            print(f"[{run.dir_name}] {mode}: sampled earlier, FID {done[mode]['fid']:.2f}")
-            rows.append(done[mode])
+        done_file = run_dir / SAMPLING_DIR / f"{mode}.json"
+        done = json.loads(done_file.read_text()) if done_file.exists() else {}
+        if done.get("mode_hash") == mode_hash:
+            print(f"[{run.dir_name}] {mode}: sampled earlier, FID {done['fid']:.2f}")
+            rows.append(done)
             continue
         evaluator = FIDEvaluator(ev, *reference, data.num_classes, objective)
         clock = time.perf_counter()
@@ -235,8 +239,8 @@ def sample_modes(job: dict) -> list[dict]:
         print(f"[{run.dir_name}] {mode}: FID {row['fid']:.2f}, {row['sampling_gflops_per_image']:.3f} GFLOPs/image, "
               f"{seconds:.0f} s", flush=True)
         rows.append(row)
-        done[mode] = row
-        atomic_write_text(done_file, json.dumps(done, indent=1, default=str))
+        done_file.parent.mkdir(exist_ok=True)
+        atomic_write_text(done_file, json.dumps(row, indent=1, default=str))
     return rows
 
 
