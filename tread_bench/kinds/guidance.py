@@ -149,16 +149,18 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
         return 1 if failures else 0
 
     FIDEvaluator(EvalConfig(**base_eval), *reference, data.num_classes).prepare_reference()  # once, not per worker
-    # one job per (run, mode): the workers share the modes evenly, whichever model they belong to
-    jobs = [{"run": run, "run_dir": str(run_dir), "suite": OmegaConf.to_container(suite, resolve=True),
-             "train_suite": resolved, "modes": {mode: spec}, "device": device, "scale": cfg.scale.name,
-             "imports": list(cfg.get("imports") or [])}
+    common = {"suite": OmegaConf.to_container(suite, resolve=True), "train_suite": resolved, "device": device,
+              "scale": cfg.scale.name, "imports": list(cfg.get("imports") or [])}
+    # workers get one job per (run, mode), so they share the modes evenly whichever model they belong to; this
+    # process samples a run's modes in one job, reading its data, reference and model once
+    jobs = [{**common, "run": run, "run_dir": str(run_dir), "modes": {mode: spec}}
             for run, run_dir in trained for mode, spec in run_modes[run.dir_name].items()]
     workers = max(1, min(int(suite.get("jobs", 1)), len(jobs))) if device != "cuda" else 1
     rows = []
     if workers == 1:
-        for job in jobs:
-            rows += sample_modes({**job, "threads": 0})
+        for run, run_dir in trained:
+            rows += sample_modes({**common, "run": run, "run_dir": str(run_dir), "modes": run_modes[run.dir_name],
+                                  "threads": 0})
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         print(f"sampling {len(trained)} runs in {len(jobs)} modes in all, {workers} worker processes, "
