@@ -39,6 +39,21 @@ def test_a_finished_run_of_the_same_protocol_is_copied_and_a_changed_protocol_tr
                 f"results_dir={tmp_path}/b", f"runs_dir={runs}"]) == 0
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
 
+    # the same run under another method name is the same run: copied, with this suite's name for it
+    assert run(["suite=smoke", "scale=tiny", "suite.name=smoke_renamed", "+suite.reuse_from=[smoke]", "only=half",
+                "~suite.methods.tread", "+suite.methods.half={routes: [{start: 1, end: 3, rate: 0.5}]}",
+                f"results_dir={tmp_path}/d", f"runs_dir={runs}"]) == 0
+    assert ("[dit-tiny-half-seed0] the same run finished in smoke/tiny/dit-tiny-tread-seed0: copied"
+            in capsys.readouterr().out)
+    d = pd.read_csv(tmp_path / "d" / "smoke.csv")
+    assert (d.run_id.tolist(), d.method.tolist()) == (["dit-tiny-half"], ["half"])
+    assert d.final_loss.tolist() == [a.loc["dit-tiny-tread", "final_loss"]]
+    # the same name with another rate is another run: trained
+    assert run(["suite=smoke", "scale=tiny", "suite.name=smoke_rate", "+suite.reuse_from=[smoke]", "only=tread",
+                "suite.methods.tread.routes=[{start: 1, end: 3, rate: 0.25}]", "suite.train.steps=4",
+                f"results_dir={tmp_path}/e", f"runs_dir={runs}"]) == 0
+    assert "copied" not in capsys.readouterr().out
+
     # another learning rate is another protocol: trained, not copied
     assert run(["suite=smoke", "scale=tiny", "suite.name=smoke_lr", "+suite.reuse_from=[smoke]", "suite.train.lr=2e-3",
                 "only=baseline", f"results_dir={tmp_path}/c", f"runs_dir={runs}"]) == 0
@@ -56,6 +71,9 @@ def test_the_protocol_leaves_out_what_only_names_or_lists_runs():
     other_lr = {"suite": {**snapshot["suite"], "train": {"lr": 2e-3}}, "run": snapshot["run"]}
     other_seed = {"suite": snapshot["suite"], "run": {**snapshot["run"], "seed": 1}}
     assert protocol_hash(snapshot) == protocol_hash(renamed)
+    # a method entry's name is a label: "tread" in one suite may be "rate0.5" in another
+    relabelled = {**snapshot, "run": {**snapshot["run"], "method": "rate0.5"}}
+    assert protocol_hash(relabelled) == protocol_hash(snapshot) and config_hash(relabelled) != config_hash(snapshot)
     assert config_hash(snapshot) != config_hash(renamed)
     assert protocol_hash(other_lr) != protocol_hash(snapshot) != protocol_hash(other_seed)
     # where runs are copied from does not change a run: its configuration hash ignores reuse_from

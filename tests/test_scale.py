@@ -2,9 +2,11 @@
 scale on Fashion-MNIST (config composition only, no training)."""
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import tread_bench.engine
 from routing.routes import route_fields
+from tread_bench.engine.schema import SUITES_DIR
 from suite_helpers import compose_suite
 
 IMAGENET_SUITES = ["arch_agnostic", "dit_scaling", "selection_rate", "route_ablation", "guidance"]
@@ -29,18 +31,26 @@ def test_without_latents_resolves_to_cpu_scale(suite, capsys):
 
 
 def test_cpu_study_protocol():
+    """The headline study at CPU scale runs what suites/suite/arch_agnostic.yaml names: its four backbones, its two
+    methods, 3 seeds; the selection-rate sweep is suite=selection_rate in the same protocol."""
     cfg = compose_suite(["suite=arch_agnostic"])
     s = tread_bench.engine.resolve_suite(cfg)
     assert list(s.seeds) == [0, 1, 2] and s.eval.loss_images > 0 and s.eval.samples > 0
     runs = tread_bench.engine.expand_runs(s, cfg.scale)
-    by_backbone = {}
-    for r in runs:
-        by_backbone.setdefault(r.backbone, set()).add((r.method, r.seed))
-    assert {m for m, _ in by_backbone["dit"]} == {"baseline", "tread", "tread25", "tread75"}
-    assert {m for m, _ in by_backbone["rwkv"]} == {"baseline", "tread"}  # the rate sweep is DiT-only
-    assert all({s for _, s in v} == {0, 1, 2} for v in by_backbone.values())
+    written = OmegaConf.load(SUITES_DIR / "suite" / "arch_agnostic.yaml")
+    assert {(r.backbone, r.method, r.seed) for r in runs} == {
+        (b.name, m, seed) for b in written.backbones for m in written.methods for seed in (0, 1, 2)}
+    assert {r.backbone for r in runs} == {"dit", "rwkv", "mamba", "lightningdit"}
     rates = {r.method: route_fields(r.args["routes"][0])[2] for r in runs if r.args.get("routes")}
-    assert rates == {"tread": 0.5, "tread25": 0.25, "tread75": 0.75}
+    assert rates == {"tread": 0.5}
+
+    cfg = compose_suite(["suite=selection_rate"])
+    s = tread_bench.engine.resolve_suite(cfg)
+    assert cfg.scale.name == "cpu" and list(s.seeds) == [0, 1, 2] and list(s.reuse_from) == ["arch_agnostic"]
+    runs = tread_bench.engine.expand_runs(s, cfg.scale)
+    rates = {r.method: route_fields(r.args["routes"][0])[2] for r in runs if r.args.get("routes")}
+    assert rates == {"rate0.25": 0.25, "rate0.5": 0.5, "rate0.75": 0.75}
+    assert {(r.backbone, r.size) for r in runs} == {("dit", "XS/4")}
 
 
 @pytest.mark.parametrize("how", ["env", "override"])

@@ -1,4 +1,6 @@
 """The smoke suite end to end: one row per run, reruns replace rows, finished runs are skipped."""
+import shutil
+
 import pandas as pd
 import pytest
 
@@ -46,3 +48,20 @@ def test_report_writes_tables_from_finished_runs_and_trains_nothing(tmp_path, ca
     trained = pd.read_csv(tmp_path / "trained" / "smoke.csv")
     reported = pd.read_csv(tmp_path / "report" / "smoke.csv")
     pd.testing.assert_frame_equal(trained, reported)
+
+
+def test_report_without_run_folders_writes_the_tables_from_the_runs_table(tmp_path, capsys):
+    """Units run on other machines, their rows merged into one runs table: report=true writes the tables from it."""
+    args = ["suite=smoke", "scale=tiny", "suite.train.steps=4", "suite.data.limit=64"]
+    assert run(args + [f"results_dir={tmp_path}/trained", f"runs_dir={tmp_path}/runs"]) == 0
+    trained = pd.read_csv(tmp_path / "trained" / "smoke_speedup.csv")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    shutil.copy(tmp_path / "trained" / "smoke.csv", merged / "smoke.csv")
+    # a row of a method the suite no longer has: the scale's rows are recomputed whole, so it goes
+    pd.concat([trained, trained.assign(method="gone")]).to_csv(merged / "smoke_speedup.csv", index=False)
+    capsys.readouterr()
+    assert run(args + [f"results_dir={merged}", f"runs_dir={tmp_path}/no_runs", "report=true"]) == 0
+    assert f"tables from the rows of {merged / 'smoke.csv'}" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(merged / "smoke_speedup.csv"), trained)
+    assert not (tmp_path / "no_runs").exists()

@@ -134,13 +134,17 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
     from tread_bench.measure.speedup import plot_curves, sample_figures, speedup_markdown, speedup_table
 
     results_file = runs_table_name(suite)
-    if not rows:
-        print("no finished runs to write")
-        return
-    # a run that failed before an evaluation has no step: an empty one completes its key (a rerun replaces the row)
-    rows = [r if "step" in r else {**r, "step": float("nan")} for r in rows]
-    table = upsert_csv(results_dir / results_file, rows, RUN_KEY)
-    print(f"wrote {results_dir / results_file} ({len(rows)} rows of {len(table)})")
+    if rows:
+        # a run that failed before an evaluation has no step: an empty one completes its key (a rerun replaces it)
+        rows = [r if "step" in r else {**r, "step": float("nan")} for r in rows]
+        table = upsert_csv(results_dir / results_file, rows, RUN_KEY)
+        print(f"wrote {results_dir / results_file} ({len(rows)} rows of {len(table)})")
+    else:  # report=true without run folders: the tables from the rows the runs table holds (units run elsewhere)
+        table = read_table(results_dir / results_file, RUN_KEY) if cfg.get("report") else None
+        if table is None or "step" not in table:
+            print("no finished runs to write")
+            return
+        print(f"tables from the rows of {results_dir / results_file}")
     ok = table[(table.suite == suite.name) & (table.scale == cfg.scale.name) & (table.status == "ok")]
     if ok.empty or ok.step.isna().all():  # every run failed: the runs table only
         return
@@ -148,7 +152,8 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
         stem = results_dir / f"{suite.name}_speedup"
         speed = speedup_table(ok)
         speed.insert(0, "scale", cfg.scale.name)
-        upsert_csv(f"{stem}.csv", speed.to_dict("records"), ["scale", "backbone", "size", "method"])
+        upsert_csv(f"{stem}.csv", speed.to_dict("records"), ["scale", "backbone", "size", "method"],
+                   replace_where={"scale": cfg.scale.name})  # the scale's rows recomputed whole
         write_markdown(f"{stem}.md", speedup_markdown(speed), f"{suite.name} speedup ({cfg.scale.name})",
                        [f"Device: {ok.device.iloc[0]}; torch {ok.torch.iloc[0]}; seeds "
                         f"{', '.join(map(str, sorted(ok.seed.unique())))}.",

@@ -6,7 +6,7 @@ import os
 import platform
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -82,14 +82,19 @@ def _key_value(value):
     return ("text", str(value))
 
 
-def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str]) -> pd.DataFrame:
+def upsert_csv(path: str | Path, rows: Sequence[dict], key: Sequence[str],
+               replace_where: Optional[dict] = None) -> pd.DataFrame:
     """Write ``rows`` into the CSV at ``path``, replacing existing rows with the same ``key`` values.
 
-    Rows of other keys (other suites, scales or runs) are kept; the write is atomic.
+    Rows of other keys (other suites, scales or runs) are kept, except those whose columns equal every value of
+    ``replace_where`` (a table recomputed whole for, say, one scale: its rows of a method no longer there go);
+    the write is atomic.
     """
     path = Path(path)
     new = pd.DataFrame(list(rows))
     old = read_table(path, key)
+    if old is not None and replace_where and all(c in old.columns for c in replace_where):
+        old = old[~np.logical_and.reduce([old[c] == v for c, v in replace_where.items()])]
     if old is not None:
         if all(k in old.columns for k in key) and len(new):
             new_keys = {tuple(_key_value(v) for v in row) for row in new[list(key)].itertuples(index=False)}
