@@ -62,11 +62,10 @@ DIT_SIZES = {
     "XS/4": dict(depth=12, hidden_size=64, num_heads=4, patch_size=4),
     "tiny": dict(depth=6, hidden_size=64, num_heads=4, patch_size=4),
     # The crossover map (suite=crossover): XS/4 varied one axis at a time, width (w128, w192: heads of 32) or
-    # tokens (patch 2: 16x16 = 256 tokens); tiny/2 is its CI-sized token cell.
+    # tokens (patch 2: 16x16 = 256 tokens).
     "XS/2": dict(depth=12, hidden_size=64, num_heads=4, patch_size=2),
     "w128/4": dict(depth=12, hidden_size=128, num_heads=4, patch_size=4),
     "w192/4": dict(depth=12, hidden_size=192, num_heads=6, patch_size=4),
-    "tiny/2": dict(depth=6, hidden_size=64, num_heads=4, patch_size=2),
 }
 
 

@@ -17,39 +17,40 @@ def test_the_tiny_crossover_suite_writes_its_runs_cells_trend_and_map(tmp_path, 
                  "crossover_speedup.csv"):
         assert (out / name).exists(), name
     runs, cells = pd.read_csv(out / "crossover_runs.csv"), pd.read_csv(out / "crossover_cells.csv")
-    assert set(cells["size"]) == {"tiny", "tiny/2"} and set(cells.tokens) == {64, 256} and set(cells.width) == {64}
-    final = cells[(cells["size"] == "tiny/2") & (cells.step == 20)].iloc[0]
-    at = runs[(runs["size"] == "tiny/2") & (runs.step == 20)]
+    assert set(cells["size"]) == {"XS/4", "w128/4", "w192/4", "XS/2"} and set(cells.tokens) == {64, 256}
+    assert set(cells.width) == {64, 128, 192}
+    final = cells[(cells["size"] == "XS/2") & (cells.step == 20)].iloc[0]
+    at = runs[(runs["size"] == "XS/2") & (runs.step == 20)]
     by_hand = [at[(at.method == "tread") & (at.seed == s)].eval_loss.item()
                / at[(at.method == "baseline") & (at.seed == s)].eval_loss.item() for s in (0, 1)]
     assert final.ratio_equal_steps == pytest.approx(sum(by_hand) / 2, rel=1e-12)
     assert final.seed_pairs == 2 and math.isfinite(final.fid_diff_equal_steps)
     # eval.flop_match: the baseline also evaluated where its training FLOPs equal TREAD's at steps 10 and 20
-    for size in ("tiny", "tiny/2"):
+    for size in ("XS/4", "XS/2"):
         mine = runs[(runs["size"] == size) & (runs.seed == 0)]
         base, tread = mine[mine.method == "baseline"], mine[mine.method == "tread"]
         per_step = base.train_flops.iloc[-1] / base.step.iloc[-1]
         assert set(tread.step) == {10, 20} and len(set(base.step)) > 2
         for flops in tread.train_flops:
             assert (base.train_flops - flops).abs().min() <= per_step / 2
-    row = cells[(cells["size"] == "tiny/2") & (cells.step == 20)].iloc[0]
+    row = cells[(cells["size"] == "XS/2") & (cells.step == 20)].iloc[0]
     ratios = []
     for s in (0, 1):
-        mine = runs[(runs["size"] == "tiny/2") & (runs.seed == s)]
+        mine = runs[(runs["size"] == "XS/2") & (runs.seed == s)]
         t = mine[(mine.method == "tread") & (mine.step == 20)].iloc[0]
         b = mine[mine.method == "baseline"]
         ratios.append(t.eval_loss / b.loc[(b.train_flops - t.train_flops).abs().idxmin()].eval_loss)
     assert row.ratio_equal_flops == pytest.approx(sum(ratios) / 2, rel=1e-12)
     # report=true: every unit (a cell's seed pair) by the runs table; a missing one with the command that runs it
-    runs[~((runs["size"] == "tiny/2") & (runs.seed == 1) & (runs.method == "tread"))].to_csv(
+    runs[~((runs["size"] == "XS/2") & (runs.seed == 1) & (runs.method == "tread"))].to_csv(
         out / "crossover_runs.csv", index=False)
     capsys.readouterr()
     assert run(["suite=crossover", "scale=tiny", f"results_dir={out}", f"runs_dir={tmp_path}/empty", "report=true"]) == 0
     said = capsys.readouterr().out
-    assert "  done     dit-tiny-seed0\n" in said and "  done     dit-tiny2-seed0\n" in said
-    assert (f"  missing  dit-tiny2-seed1 (tread): python run_suite.py suite=crossover scale=tiny only=dit-tiny2- "
+    assert "  done     dit-XS4-seed0\n" in said and "  done     dit-XS2-seed0\n" in said
+    assert (f"  missing  dit-XS2-seed1 (tread): python run_suite.py suite=crossover scale=tiny only=dit-XS2- "
             f"'suite.seeds=[1]' results_dir={out}\n") in said
-    assert "3 of 4 units done" in said
+    assert "7 of 8 units done" in said
 
 
 def _rows(cell_size="tiny", batch=32, steps=(100, 200), total=200, seed=0, base_losses=(2.0, 1.0),

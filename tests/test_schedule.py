@@ -160,9 +160,10 @@ def test_train_flops_column_follows_the_stages_against_a_hand_count(tmp_path):
     from test_token_methods' hand count (fvcore convention, decoder included)."""
     r = tmp_path / "r"
     assert run(["suite=methods", "scale=tiny", f"results_dir={r}", f"runs_dir={tmp_path}/runs", "tracker=none",
-                "only=dit-tiny-maskdit-seed0", "suite.seeds=[0]", "suite.jobs=1", "suite.data.limit=64",
-                "suite.eval.every=2", "suite.eval.samples=0", "suite.eval.grid_per_class=0",
-                "suite.methods.maskdit.decoder_depth=2"]) == 0  # test_token_methods' DECODER: 2 x 32, 4 heads
+                "only=maskdit", "suite.backbones=[{name:dit}]", "suite.seeds=[0]", "suite.jobs=1",
+                "suite.data.limit=64", "suite.eval.every=2", "suite.eval.samples=0", "suite.eval.grid_per_class=0"]) == 0
+    # the tiny decoder is 2 x 32 (1/3 of 6 blocks, 5/12 of width 64 in heads of 32): test_token_methods' DECODER's
+    # MACs (its 4 heads of 8 cost what 1 head of 32 costs)
     table = pd.read_csv(r / "methods_runs.csv").set_index("step")
     masked, unmasked = 3 * tiny_macs("maskdit", 32, norms=True), 3 * tiny_macs("maskdit", 64, norms=True)
     assert unmasked > masked
@@ -177,7 +178,7 @@ def test_plan_sums_the_stages_and_takes_the_largest_memory(tmp_path, capsys):
     from suite_helpers import compose_suite
     import tread_bench.engine
 
-    cfg = compose_suite(["suite=methods", "scale=tiny", "suite.methods.maskdit.decoder_depth=2"])
+    cfg = compose_suite(["suite=methods", "scale=tiny"])  # the tiny decoder: 2 x 32
     suite = tread_bench.engine.resolve_suite(cfg)
     (maskdit,) = [r for r in tread_bench.engine.expand_runs(suite, cfg.scale) if r.run_id == "dit-tiny-maskdit" and r.seed == 0]
     row = plan_row(maskdit, suite, (1, 32, 32), 10, 1, 0.4)

@@ -381,6 +381,11 @@ def test_resume_is_exact(kind, tmp_path):
     ("maskdit", {"decoder_depth": 0}, r"maskdit: decoder_depth = 0 must be a whole number >= 1"),
     ("maskdit", {"decoder_width": 30, "decoder_heads": 4}, r"decoder_width 30 must be a multiple of 4 .* and of"),
     ("maskdit", {"decoder_width": 32, "decoder_heads": 3}, r"decoder_width 32 must be a multiple .* decoder_heads 3"),
+    ("maskdit", {"decoder_width": "x/2"}, r"maskdit: decoder_width = 'x/2' must be a whole number or a positive "
+                                          r"fraction of the backbone's like '1/3'"),
+    ("maskdit", {"decoder_depth": "-1/3"}, r"maskdit: decoder_depth = '-1/3' must be a whole number or a positive"),
+    ("maskdit", {"decoder_width": 40, "decoder_heads": "auto"}, r"decoder_heads auto needs a decoder width that is "
+                                                                r"a multiple of 32, got 40"),
     ("maskdit", {"mae_weight": -0.1}, r"maskdit: mae_weight = -0.1 must be a number >= 0"),
     ("maskdit", {"selection": "diag"}, r"maskdit: unknown selection 'diag'; choose one of random, rows or auto"),
     ("maskdit", {"mask_ratios": 0.5}, r"method kind 'maskdit' rejected its arguments .*mask_ratios"),

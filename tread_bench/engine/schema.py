@@ -158,6 +158,50 @@ def suggest(key: str, known) -> str:
     return f"did you mean '{close[0]}'? " if close else ""
 
 
+def overlay_keys(path: Path) -> List[str]:
+    """The dotted keys a scale overlay (suites/suite_scale/<suite>_<scale>.yaml) sets itself (its ``defaults`` are
+    other files), at suite level: a ``# @package _global_`` file's ``suite.`` keys without the prefix, its
+    ``scale.`` keys with it."""
+    text = Path(path).read_text()
+    tree = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    tree.pop("defaults", None)
+    if "@package _global_" in text:
+        tree = {**{f"scale.{k}": v for k, v in (tree.pop("scale", None) or {}).items()},
+                **(tree.pop("suite", None) or {}), **tree}
+    keys = []
+    for key, value in tree.items():
+        if key == "methods" and isinstance(value, dict):
+            for entry, spec in value.items():
+                keys += [f"methods.{entry}.{k}" for k in spec] if isinstance(spec, dict) else [f"methods.{entry}"]
+        elif isinstance(value, dict) and key in ("train", "eval", "data"):
+            keys += [f"{key}.{k}" for k in value]
+        else:
+            keys.append(key)
+    return keys
+
+
+def changes_what_runs(key: str) -> bool:
+    """Whether a scale overlay's ``key`` changes which backbones, methods, routes or method arguments run: a scale
+    changes size, data, schedule and evaluation only (a method entry's ``schedule``, the steps its fine-tune stages
+    start at, is schedule)."""
+    if key == "backbones":
+        return True
+    parts = key.split(".")
+    return parts[0] == "methods" and not (len(parts) == 3 and parts[2] == "schedule")
+
+
+def check_scale_overlay(suite_name: str, scale_name: str) -> None:
+    """Refuse a scale overlay of this suite that changes what runs: one line naming the file and the key."""
+    path = SUITES_DIR / "suite_scale" / f"{suite_name}_{scale_name}.yaml"
+    if not path.exists():
+        return
+    for key in overlay_keys(path):
+        if changes_what_runs(key):
+            raise ConfigError(f"suites/suite_scale/{path.name} sets '{key}': a scale changes size, data, schedule "
+                              f"and evaluation, never which backbones, methods, routes or method arguments run; "
+                              f"remove it, or make the experiment a suite of its own (suites/suite/)")
+
+
 def _typed(path: str, value: Mapping, schema: type) -> DictConfig:
     """``value`` merged into ``schema`` (a dataclass): unknown keys and unconvertible values are ConfigErrors.
     A value OmegaConf converts (the string "300" for an int) is refused too: the code reads the value as
@@ -347,6 +391,7 @@ def validate_suite(cfg: DictConfig) -> Dict[str, DictConfig]:
     "eval"}, and the kind's own keys under "kind"; for reading only: the runs use the suite as written, so their
     configuration hashes do not change). Raises ConfigError: one line naming the key and the fix."""
     check_root(cfg)
+    check_scale_overlay(str(cfg.suite.get("name")), str((cfg.get("scale") or {}).get("name")))
     try:
         suite = OmegaConf.to_container(cfg.suite, resolve=True)
     except OmegaConfBaseException as err:

@@ -9,8 +9,9 @@ Details: docs/internals.md#tread_benchmethodsmaskditpy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from numbers import Integral, Real
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -120,19 +121,48 @@ def _whole(kind: str, name: str, value, least: int, example: str) -> int:
     return int(value)
 
 
+#: the official decoder's head width (512 wide, 16 heads): ``decoder_heads: auto`` gives heads of this width, and a
+#: decoder width given as a fraction of the backbone's is rounded to a multiple of it
+HEAD_WIDTH = 32
+
+
+def _decoder_size(name: str, value, backbone_size: int, multiple: int, example: str) -> int:
+    """A whole number, or a fraction ``"a/b"`` of the backbone's depth or width rounded to a multiple of
+    ``multiple`` (one at least): the same decoder rule then fits every backbone size."""
+    if not isinstance(value, str):
+        return _whole("maskdit", name, value, 1, example)
+    try:
+        fraction = Fraction(value)
+    except (ValueError, ZeroDivisionError):
+        fraction = Fraction(0)
+    if fraction <= 0:
+        raise ConfigError(f"maskdit: {name} = {value!r} must be a whole number or a positive fraction of the "
+                          f"backbone's like '1/3'; e.g. {name}: {example}")
+    return max(1, round(fraction * backbone_size / multiple)) * multiple
+
+
 @register_method("maskdit")
 class MaskDiT(TokenDropper):
     """``mask_ratio`` of the tokens dropped before the backbone's blocks; a light DiT decoder over the full
     sequence (mask tokens at the dropped positions) makes the output; MAE term on the dropped tokens."""
 
-    def __init__(self, backbone: BlockStack, mask_ratio: float = 0.5, decoder_depth: int = 8,
-                 decoder_width: int = 512, decoder_heads: int = 16, mae_weight: float = 0.1,
+    def __init__(self, backbone: BlockStack, mask_ratio: float = 0.5, decoder_depth: Union[int, str] = 8,
+                 decoder_width: Union[int, str] = 512, decoder_heads: Union[int, str] = 16, mae_weight: float = 0.1,
                  selection: str = "auto", seed: int = 0):
+        """``decoder_depth`` and ``decoder_width``: whole numbers, or fractions of the backbone's depth and width
+        (``"1/3"``, ``"5/12"``; the width then rounded to a multiple of HEAD_WIDTH); ``decoder_heads``: a whole
+        number, or ``auto`` for heads HEAD_WIDTH wide."""
         super().__init__(backbone, "maskdit", selection, seed)
         self.mask_ratio = self.check_rate("mask_ratio", mask_ratio)
-        self.decoder_depth = _whole("maskdit", "decoder_depth", decoder_depth, 1, "8")
-        width = self.decoder_width = _whole("maskdit", "decoder_width", decoder_width, 4, "512")
-        heads = _whole("maskdit", "decoder_heads", decoder_heads, 1, "16")
+        self.decoder_depth = _decoder_size("decoder_depth", decoder_depth, backbone.depth, 1, "8")
+        token_width, cond_width, head_only = _probe(backbone)
+        width = self.decoder_width = _decoder_size("decoder_width", decoder_width, token_width, HEAD_WIDTH, "512")
+        if decoder_heads == "auto":
+            if width % HEAD_WIDTH:
+                raise ConfigError(f"maskdit: decoder_heads auto needs a decoder width that is a multiple of "
+                                  f"{HEAD_WIDTH}, got {width}; set decoder_heads to a whole number")
+            decoder_heads = width // HEAD_WIDTH
+        heads = self.decoder_heads = _whole("maskdit", "decoder_heads", decoder_heads, 1, "16 (or auto)")
         if width % 4 or width % heads:
             raise ConfigError(f"maskdit: decoder_width {width} must be a multiple of 4 (the 2-D sin-cos embedding) and "
                               f"of decoder_heads {heads}; e.g. decoder_width: 512, decoder_heads: 16")
@@ -147,7 +177,6 @@ class MaskDiT(TokenDropper):
                               "patches, so the decoder's output layer cannot place its patches")
         self.patch_size = size // rows
 
-        token_width, cond_width, head_only = _probe(backbone)
         _to_buffers(backbone, head_only)  # the decoder replaces the head (module docstring)
         self.decoder_in = ModulatedLinear(token_width, width, cond_width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if self.mae_weight > 0 else None
