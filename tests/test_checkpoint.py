@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tread_bench.core.errors import CheckpointError
 from tread_bench.data import load_dataset
-from tread_bench.training.checkpoint import _load_state, file_sha256, find_checkpoint
+from tread_bench.training.checkpoint import _load_state, file_sha256, find_checkpoint, load_ema
 from tread_bench.training.trainer import Trainer, TrainConfig
 from suite_helpers import build_denoiser
 
@@ -50,6 +50,26 @@ def test_round_trip_is_safetensors_plus_a_weights_only_state_and_resumes_exactly
     assert losses(resumed) == losses(whole)  # bit for bit
     for a, b in zip(resumed.ema.parameters(), whole.ema.parameters()):
         assert torch.equal(a, b)
+
+
+def test_load_ema_gives_the_weights_the_trainer_resumes_with_and_checks_the_files(tmp_path):
+    """A finished run's EMA model for sampling, read without a trainer: the trainer's own resume is the truth."""
+    done = trainer(tmp_path / "run", 3)
+    done.train()
+    resumed = trainer(tmp_path / "run", 3)
+    assert resumed.try_resume()
+    data = load_dataset("synthetic", 32, limit=32)
+    ema, step = load_ema(find_checkpoint(tmp_path / "run"), build_denoiser("dit", "tiny", data.shape,
+                                                                          data.num_classes, routes=ROUTES))
+    assert step == 3
+    theirs, ours = resumed.ema_denoiser.state_dict(), ema.state_dict()
+    assert list(theirs) == list(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert not torch.equal(ours["net.backbone.blocks.0.attn.qkv.weight"],
+                           resumed.raw.state_dict()["net.backbone.blocks.0.attn.qkv.weight"])  # EMA, not the model
+    ema_file = tmp_path / "run" / "checkpoint" / "ema.safetensors"
+    ema_file.write_bytes(ema_file.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(CheckpointError, match="ema.safetensors.*damaged"):
+        load_ema(find_checkpoint(tmp_path / "run"), build_denoiser("dit", "tiny", data.shape, data.num_classes))
 
 
 def test_a_kill_between_the_renames_leaves_one_complete_checkpoint(tmp_path, monkeypatch):

@@ -33,12 +33,12 @@ def test_the_baseline_of_a_tiny_crossover_cell_evaluates_at_treads_flops():
     suite = resolve_suite(cfg)
     data = load_dataset(suite.data.name, suite.data.resolution, limit=64)
     runs = prepare_runs(cfg, suite, data.shape, data.num_classes)
-    base = next(r for r in runs if r.method == "baseline" and r.size == "tiny" and r.seed == 0)
-    tread = next(r for r in runs if r.method == "tread" and r.size == "tiny" and r.seed == 0)
+    base = next(r for r in runs if r.method == "baseline" and r.size == "XS/4" and r.seed == 0)
+    tread = next(r for r in runs if r.method == "tread" and r.size == "XS/4" and r.seed == 0)
     assert tread.eval_at == ()  # every 10 steps and the last: nothing extra
     # by hand: TREAD's training MACs per image over the baseline's (the FLOP table's counter), times 10 and 20
-    ratio = (flops_table_row("dit", "tiny", None, 32, 1, 10, **tread.args)["gflops_train"]
-             / flops_table_row("dit", "tiny", None, 32, 1, 10, **base.args)["gflops_train"])
+    ratio = (flops_table_row("dit", "XS/4", None, 32, 1, 10, **tread.args)["gflops_train"]
+             / flops_table_row("dit", "XS/4", None, 32, 1, 10, **base.args)["gflops_train"])
     assert 0.5 < ratio < 1
     assert base.eval_at == tuple(sorted({round(10 * ratio), round(20 * ratio)} - {20}))
 

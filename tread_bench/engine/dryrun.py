@@ -132,7 +132,7 @@ def run_isolated_suite(cfg: DictConfig, suite: DictConfig) -> int:
     if status == "ok":
         for folder in (Path(cfg.runs_dir) / suite.name / cfg.scale.name).glob("*"):
             delete_checkpoint(folder)
-    steps = int(suite.train.steps) if status == "ok" else None
+    steps = suite.train.steps if status == "ok" else None
     rows = [dryrun_row(run, suite, {**measured, "steps": steps}, device) for run in runs]
     write_dryrun_table(cfg, rows)
     for row in rows:

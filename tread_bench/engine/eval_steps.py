@@ -36,14 +36,14 @@ def assign_eval_steps(runs: list, suite: DictConfig, data_shape, num_classes: in
     trained on its own (``only=``) evaluates where its siblings do."""
     evaluation = suite.get("eval") or {}
     at, reference = list(evaluation.get("at") or []), evaluation.get("flop_match")
-    total, every = int(suite.train.steps), int(evaluation.get("every") or 0)
+    total, every = suite.train.steps, evaluation.get("every") or 0
     for run in runs:
         run.eval_at = tuple(s for s in scheduled_steps(total, 0, at) if s != total)
     if reference is None:
         return
     siblings = runs if siblings is None else siblings
     own = scheduled_steps(total, every, at)
-    batch = int(suite.train.global_batch)
+    batch = suite.train.global_batch
     curves: dict = {}
 
     def cumulative(run) -> list[float]:

@@ -205,20 +205,22 @@ def progress_of(run_dir: Path, suite: DictConfig) -> str:
 
 
 def trained_ema(run: RunSpec, suite: DictConfig, data, run_dir: Path):
-    """(EMA denoiser, objective) of a finished run, read from its final checkpoint with the run's last stage's
-    settings applied (a fine-tune stage changes what the network computes)."""
+    """(EMA denoiser, objective) of a finished run, read from its final checkpoint into the network the run was
+    built as: the model its evaluations sampled (in eval mode a method runs every token, so a fine-tune stage's
+    settings do not change it)."""
     from diffusion import build_objective
-    from tread_bench.training.trainer import Trainer, TrainConfig
+    from tread_bench.training.checkpoint import find_checkpoint, load_ema
+    from tread_bench.training.trainer import TrainConfig
 
     train_cfg = TrainConfig(**OmegaConf.to_container(suite.train), seed=run.seed)
     objective = build_objective(**run.objective)
     den = objective.wrap(build_run_network(run, data.shape, data.num_classes, seed=train_cfg.seed + 1,
                                            fp32_after_route=train_cfg.fp32_after_route))
-    trainer = Trainer(den, data, train_cfg, run_dir, objective=objective, schedule=run_stages(run))
-    if not trainer.try_resume() or trainer.step < train_cfg.steps:
-        raise ConfigError(f"[{run.dir_name}] has no final checkpoint in {run_dir} (step {trainer.step} of "
+    path = find_checkpoint(run_dir)
+    ema, step = load_ema(path, den) if path is not None else (None, 0)
+    if step < train_cfg.steps:
+        raise ConfigError(f"[{run.dir_name}] has no final checkpoint in {run_dir} (step {step} of "
                           f"{train_cfg.steps}); rerun the suite with force=true to train it again")
-    ema = trainer.ema_denoiser
     ema.eval()
     return ema, objective
 
@@ -336,7 +338,7 @@ def train_pending(pending: list, cfg: DictConfig, suite: DictConfig, data, devic
     main_process = state.is_main_process
     rows, failures = [], []
     tracker = cfg.get("tracker", "none")
-    jobs = max(1, int(suite.get("jobs", 1)))
+    jobs = suite.get("jobs", 1)
     if state.num_processes > 1 or device == "cuda":
         jobs = 1  # parallel runs are for CPU machines; GPUs and data-parallel runs take one run at a time
     jobs = min(jobs, max(len(pending), 1))

@@ -48,13 +48,13 @@ def plan_row(run, suite: DictConfig, shape, num_classes: int, gpus: int, mfu: Op
     train = suite.train
     with torch.device("meta"):
         net = build_run_network(run, shape, num_classes)
-    steps = int(train.steps)
-    cost = training_cost(net, run_stages(run), shape, num_classes, steps, int(train.global_batch), gpus,
+    steps = train.steps
+    cost = training_cost(net, run_stages(run), shape, num_classes, steps, train.global_batch, gpus,
                          resolve_precision(train.get("precision", "auto"), "cuda"), mfu)
     eval_cfg = EvalConfig(**OmegaConf.to_container(suite.get("eval") or {}, resolve=True))
     # latent suites evaluate the held-out loss only with a latent folder of held-out images (engine/lifecycle.py)
     loss = eval_cfg.loss_images > 0 and (suite.data.get("name") != "latents" or bool(eval_cfg.loss_path))
-    nfe = build_objective(**run.objective).nfe(int(eval_cfg.sampler_steps))
+    nfe = build_objective(**run.objective).nfe(eval_cfg.sampler_steps)
     ev = evaluation_cost(net, shape, num_classes, eval_cfg, nfe, steps, cost["mfu"], loss)
     total = {f"total_gpu_hours_{gpu}": cost[f"gpu_hours_{gpu}"] + ev[f"eval_gpu_hours_{gpu}"] for gpu in GPUS}
     return {"suite": run.suite, "scale": run.scale, "run_id": run.run_id, "seed": run.seed, "backbone": run.backbone,
@@ -92,7 +92,7 @@ def run_plan(cfg: DictConfig, suite: DictConfig) -> int:
     measured = committed_training_time(suite, cfg.scale.name, runs)
     if measured is not None:
         seconds, device, found = measured
-        jobs = max(1, int(suite.get("jobs", 1)))
+        jobs = suite.get("jobs", 1)
         print(f"on {device}: {seconds / 3600:.1f} h of training for the {found} of these runs the committed reference "
               f"tables hold (their measured training time, evaluation excluded), about {seconds / jobs / 3600:.1f} h "
               f"of wall time at {jobs} at a time")

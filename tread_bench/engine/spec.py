@@ -50,7 +50,9 @@ def apply_auto_scale(cfg: DictConfig, task_overrides, compose) -> DictConfig:
 
 
 def resolve_suite(cfg: DictConfig) -> DictConfig:
-    """The composed suite (scale changes already merged by Hydra), resolved and detached."""
+    """The composed suite (scale changes already merged by Hydra), resolved and detached. After
+    ``validate_suite`` every value it holds has its schema's type (a value of another type is refused there), so
+    it is read as it is, never re-parsed."""
     return OmegaConf.create(OmegaConf.to_container(cfg.suite, resolve=True))
 
 

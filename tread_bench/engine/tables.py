@@ -57,7 +57,7 @@ def committed_training_time(suite, scale: str, runs: list):
         if (run.run_id, run.seed) not in last.index:
             continue
         row = last.loc[(run.run_id, run.seed)]
-        if steps is not None and int(row.step) != int(steps):
+        if steps is not None and int(row.step) != steps:
             continue
         if batch is not None and round(row.images_seen / row.step) != int(batch):
             continue

@@ -155,7 +155,7 @@ def run_guidance_suite(cfg: DictConfig, suite: DictConfig) -> int:
     # process samples a run's modes in one job, reading its data, reference and model once
     jobs = [{**common, "run": run, "run_dir": str(run_dir), "modes": {mode: spec}}
             for run, run_dir in trained for mode, spec in run_modes[run.dir_name].items()]
-    workers = max(1, min(int(suite.get("jobs", 1)), len(jobs))) if device != "cuda" else 1
+    workers = max(1, min(suite.get("jobs", 1), len(jobs))) if device != "cuda" else 1
     rows = []
     if workers == 1:
         for run, run_dir in trained:
@@ -206,7 +206,7 @@ def sample_modes(job: dict) -> list[dict]:
     den, objective = trained_ema(run, train_suite, data, run_dir)
     den.to(device)
     digest = config_hash({"suite": job["train_suite"], "run": asdict(run)})
-    nfe = objective.nfe(int(base_eval["sampler_steps"]))
+    nfe = objective.nfe(base_eval["sampler_steps"])
     full = pass_macs(den.net, data.shape, data.num_classes)
     rows = []
     for mode, spec in job["modes"].items():
@@ -230,7 +230,7 @@ def sample_modes(job: dict) -> list[dict]:
             grid = str(save_grid(images, cols, run_dir / "samples" / f"{mode}.png"))
         row = {"suite": run.suite, "scale": job["scale"], "backbone": run.backbone, "size": run.size,
                "method": run.method, "kind": run.kind, "seed": run.seed, "setting": run.setting,
-               "train_steps": int(train_suite.train.steps), "mode": mode,
+               "train_steps": train_suite.train.steps, "mode": mode,
                "cfg_scale": ev.cfg_scale, "uncond_rate": ev.uncond_rate,
                "strong_rate": ev.sparse_guidance[0] if ev.sparse_guidance else None,
                "weak_rate": ev.sparse_guidance[1] if ev.sparse_guidance else None,

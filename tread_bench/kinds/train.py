@@ -110,7 +110,7 @@ def run_train_suite(cfg: DictConfig, suite: DictConfig) -> int:
 def announce(cfg: DictConfig, suite: DictConfig, pending: list, finished: int, results_dir: Path,
              runs_root: Path) -> None:
     """What this sitting will do, before it trains: the runs, an estimate of the wall time, the files it writes."""
-    jobs = max(1, min(int(suite.get("jobs", 1)), len(pending)))
+    jobs = min(suite.get("jobs", 1), len(pending))
     print(f"{suite.name} ({cfg.scale.name}): {len(pending)} runs to train, {jobs} at a time"
           + (f" ({finished} finished earlier)" if finished else ""))
     estimate = committed_training_time(suite, cfg.scale.name, pending)
@@ -165,7 +165,7 @@ def write_train_tables(cfg: DictConfig, suite: DictConfig, rows: list[dict], res
                         "eval loss (FID) / the method's to reach that value (linear interpolation between "
                         "evaluations; seeds that never reach it are counted in 'reached')."])
         d = suite.data
-        shared = int(suite.get("jobs", 1)) > 1  # parallel runs happen on CPU only (train_pending)
+        shared = suite.get("jobs", 1) > 1  # parallel runs happen on CPU only (train_pending)
         plot_curves(ok, str(results_dir / f"{suite.name}_{cfg.scale.name}"),
                     dataset=f"{d.get('name', 'data')} {d.resolution}x{d.resolution}",
                     time_note=f"({suite.jobs} runs at a time shared the CPU: times under load)" if shared else "")
@@ -196,7 +196,7 @@ def report_units(cfg: DictConfig, suite: DictConfig, runs: list, results_dir: Pa
     if table is not None and "step" in table:
         ok = table[(table.suite == suite.name) & (table.scale == cfg.scale.name) & (table.status == "ok")]
         last = ok.groupby(["run_id", "seed"]).step.max()
-        done = {key for key, step in last.items() if step >= int(suite.train.steps)}
+        done = {key for key, step in last.items() if step >= suite.train.steps}
     units: dict = {}
     for run in runs:
         units.setdefault((f"{run.backbone}-{run.size.replace('/', '')}-", run.seed), []).append(run)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
+from torch.optim.swa_utils import AveragedModel
 
 from tread_bench.core.errors import CheckpointError
 from tread_bench.core.io import atomic_write_text
@@ -161,9 +162,9 @@ def _load_state(file: Path, folder: Path) -> dict:
     return state
 
 
-def load_checkpoint(path, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
-    """Load the checkpoint folder at ``path`` into ``model`` and ``ema``; return the rest of the state (optimizer,
-    step counters, RNG states, stats, ...)."""
+def _verified_state(path) -> dict:
+    """The training state of the checkpoint folder at ``path`` once its manifest and every file are checked
+    (format, sizes, SHA-256, one step); a CheckpointError (one line: the file and the fix) otherwise."""
     path = Path(path)
     if path.name == OLD_FORMAT_FILE:
         raise CheckpointError(f"{path} is a checkpoint of a tread-bench version before checkpoint folders, which this "
@@ -196,12 +197,34 @@ def load_checkpoint(path, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
     if state["step"] != manifest.get("step"):
         raise _error(path / STATE, "mixed checkpoint", f"step {state['step']}, the manifest says "
                      f"{manifest.get('step')}", path)
-    for name, module in ((MODEL, model), (EMA, ema)):
-        try:
-            load_model(module, str(path / name), strict=True)
-        except Exception as err:  # header or data damaged, or weights of another model
-            raise _error(path / name, "unreadable or not this model's weights", err, path) from None
     return state
+
+
+def _load_weights(path: Path, name: str, module: torch.nn.Module) -> None:
+    try:
+        load_model(module, str(path / name), strict=True)
+    except Exception as err:  # header or data damaged, or weights of another model
+        raise _error(path / name, "unreadable or not this model's weights", err, path) from None
+
+
+def load_checkpoint(path, model: torch.nn.Module, ema: torch.nn.Module) -> dict:
+    """Load the checkpoint folder at ``path`` into ``model`` and ``ema``; return the rest of the state (optimizer,
+    step counters, RNG states, stats, ...)."""
+    path = Path(path)
+    state = _verified_state(path)
+    for name, module in ((MODEL, model), (EMA, ema)):
+        _load_weights(path, name, module)
+    return state
+
+
+def load_ema(path, denoiser: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """(a copy of ``denoiser`` holding the EMA weights of the checkpoint folder at ``path``, its step): a finished
+    run's model for sampling, without building its optimizer or trainer. Checked as load_checkpoint checks."""
+    path = Path(path)
+    state = _verified_state(path)
+    container = AveragedModel(denoiser, use_buffers=True)  # the trainer's EMA container: the file's keys
+    _load_weights(path, EMA, container)
+    return container.module, state["step"]
 
 
 def delete_checkpoint(run_dir) -> None:
