@@ -64,6 +64,8 @@ def reuse_finished_run(snapshot: dict, digest: str, run_dir: Path, runs_dir: Pat
     its folder."""
     ours = protocol_hash(snapshot)
     for other in sources:
+        if not any((Path(runs_dir) / other / scale).glob("*/result.json")):
+            continue  # nothing finished there: no need to compose that suite
         for theirs_run, theirs in _other_runs(other, scale, snapshot["run"], data_shape, num_classes):
             source = Path(runs_dir) / other / scale / theirs_run.dir_name
             done_file = source / "result.json"

@@ -163,7 +163,7 @@ def overlay_keys(path: Path) -> List[str]:
     other files), at suite level: a ``# @package _global_`` file's ``suite.`` keys without the prefix, its
     ``scale.`` keys with it."""
     text = Path(path).read_text()
-    tree = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    tree = OmegaConf.to_container(OmegaConf.create(text)) or {}
     tree.pop("defaults", None)
     if "@package _global_" in text:
         tree = {**{f"scale.{k}": v for k, v in (tree.pop("scale", None) or {}).items()},

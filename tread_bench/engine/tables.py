@@ -59,7 +59,7 @@ def committed_training_time(suite, scale: str, runs: list):
         row = last.loc[(run.run_id, run.seed)]
         if steps is not None and int(row.step) != steps:
             continue
-        if batch is not None and round(row.images_seen / row.step) != int(batch):
+        if batch is not None and round(row.images_seen / row.step) != batch:
             continue
         if run.setting and "setting" in row and row.setting != run.setting:
             continue
