@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from tread_bench.measure.crossover import cell_shape, crossover_cells, pair_points, trend_of
+from tread_bench.measure.crossover import cell_shape, crossover_cells, pair_points, trend_of, verdict_lines
 from suite_helpers import run
 
 
@@ -116,6 +116,61 @@ def test_the_ema_warmup_stays_out_of_the_trend():
     trend = trend_of(pair_points(runs), cells)
     assert trend.points == 6 and trend.terms == ["intercept", "step"]
     assert trend.coef[1] == pytest.approx(0, abs=1e-12)  # the warm-up's 5.0 would tilt it
+
+
+def test_at_equal_flops_the_baselines_earlier_step_inside_the_warmup_leaves_the_fit():
+    # TREAD at steps 900 / 1500 / 1800 spent 600 / 1000 / 1200 FLOPs: the baseline's matched steps. 0.995^600 = 4.9%
+    # is inside the warm-up (TREAD's 900 is not: 1.1%), 0.995^1000 = 0.67% and 0.995^1200 = 0.24% are not.
+    rows = []
+    for seed in range(3):
+        common = {"backbone": "dit", "size": "tiny", "seed": seed, "steps": 1800, "status": "ok", "params": 10}
+        for step in (600, 900, 1000, 1200, 1500, 1800):
+            rows.append({**common, "method": "baseline", "step": step, "images_seen": step * 32, "train_flops": step,
+                         "eval_loss": 1.0})
+        for step, flops in ((900, 600), (1500, 1000), (1800, 1200)):
+            rows.append({**common, "method": "tread", "step": step, "images_seen": step * 32, "train_flops": flops,
+                         "eval_loss": 1.0 + 0.01 * seed})
+    runs = pd.DataFrame(rows)
+    cells = crossover_cells(runs, ema_decay=0.995)
+    assert list(cells.baseline_step_equal_flops) == [600, 1000, 1200]
+    assert list(cells.ema_warmup) == [False, False, False]
+    assert list(cells.ema_warmup_equal_flops) == [True, False, False]
+    points = pair_points(runs)
+    assert trend_of(points, cells, "ratio_equal_steps").points == 9
+    assert trend_of(points, cells, "ratio_equal_flops").points == 6
+
+
+def _verdict_runs(baseline_fid_at_150=None):
+    """3 seed pairs: the baseline evaluated at steps 150 (150 FLOPs) and 200 (200 FLOPs), loss 1.2 and 1.0, FID 45
+    at step 200; TREAD at step 200 spent 150 FLOPs, loss 1.09 / 1.10 / 1.11 and FID 50 / 51 / 52 by seed."""
+    rows = []
+    for seed in range(3):
+        common = {"backbone": "dit", "size": "tiny", "seed": seed, "steps": 200, "status": "ok", "params": 10}
+        rows.append({**common, "method": "baseline", "step": 150, "images_seen": 150 * 32, "train_flops": 150,
+                     "eval_loss": 1.2, "fid": baseline_fid_at_150 if baseline_fid_at_150 else math.nan})
+        rows.append({**common, "method": "baseline", "step": 200, "images_seen": 200 * 32, "train_flops": 200,
+                     "eval_loss": 1.0, "fid": 45.0})
+        rows.append({**common, "method": "tread", "step": 200, "images_seen": 200 * 32, "train_flops": 150,
+                     "eval_loss": 1.10 + 0.01 * (seed - 1), "fid": 51.0 + (seed - 1)})
+    return pd.DataFrame(rows)
+
+
+def test_the_verdict_needs_loss_and_fid_to_agree_at_equal_steps_and_at_equal_flops():
+    # t(0.975, 2) = 4.303, sd of 3 values 1 apart (in units of the last digit) = 1: half-width 4.303 / sqrt(3) = 2.48
+    cells = crossover_cells(_verdict_runs(), ema_decay=0.9)
+    (line,) = verdict_lines(cells)
+    # equal steps: ratio 1.10 ± 0.025 (the loss over 1.0), FID +6 ± 2.5: both say worse
+    assert ("at equal steps, loss ratio 1.1 ± 0.025 (TREAD worse), FID difference 6 ± 2.5 (TREAD worse): "
+            "TREAD does not pay;") in line
+    # equal FLOPs: ratio 1.10 / 1.2 = 0.917 ± 0.021 better; the baseline has no FID at step 150: unconfirmed
+    assert ("at equal training FLOPs, loss ratio 0.917 ± 0.021 (TREAD better), FID difference – (not measured): "
+            "the loss says TREAD pays, unconfirmed") in line
+    # with the baseline's FID 60 at step 150: -10 / -9 / -8, -9 ± 2.5: both say better
+    (line,) = verdict_lines(crossover_cells(_verdict_runs(baseline_fid_at_150=60.0), ema_decay=0.9))
+    assert "FID difference -9 ± 2.5 (TREAD better): TREAD pays." in line
+    # FID that does not confirm a loss that says better: no crossover on the loss alone
+    (line,) = verdict_lines(crossover_cells(_verdict_runs(baseline_fid_at_150=51.0), ema_decay=0.9))
+    assert "FID difference 0 ± 2.5 (undecided): the loss says TREAD pays, FID does not confirm it." in line
 
 
 def test_cell_shapes_are_read_off_the_networks():

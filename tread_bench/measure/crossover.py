@@ -6,7 +6,8 @@ baseline held-out loss ratio at equal steps and at equal training FLOPs, and the
 mean over seed pairs with a 95% t interval. Equal FLOPs compares two evaluations (the baseline evaluates where its
 FLOPs equal TREAD's: suite.eval.flop_match, tread_bench/engine/eval_steps.py), never an interpolated curve. Steps
 inside the EMA warm-up (decay^step above 2%: the EMA still holds that much of the initial weights) stay in the
-table, marked, and out of the trend. The trend (tread_bench/measure/trend.py) is clustered by seed pair.
+table, marked, and out of the trend; at equal FLOPs that is also where the baseline's matched (earlier) step is
+inside it. The trend (tread_bench/measure/trend.py) is clustered by seed pair.
 
     python -m tread_bench.measure.crossover results/crossover_runs.csv results/crossover_batch_runs.csv ...
 
@@ -118,6 +119,11 @@ def crossover_cells(runs: pd.DataFrame, baseline: str = "baseline", method: str 
                "width": width, "tokens": tokens, "batch": int(batch), "tokens_per_step": tokens * int(batch),
                "train_steps": int(train_steps), "params": int(at.params.iloc[0]), "step": int(step),
                "ema_warmup": in_ema_warmup(int(step), ema_decay), "seed_pairs": len(at)}
+        # equal FLOPs compares TREAD's step with the baseline's earlier one: the earlier one's EMA decides
+        matched = at.baseline_step_equal_flops.dropna()
+        row["baseline_step_equal_flops"] = int(matched.min()) if len(matched) else math.nan
+        row["ema_warmup_equal_flops"] = row["ema_warmup"] or (bool(len(matched)) and
+                                                             in_ema_warmup(int(matched.min()), ema_decay))
         for name in SUMMARISED:
             mean, half, n = mean_ci(at[name])
             row[name], row[f"{name}_ci95"], row[f"{name}_n"] = mean, half, n
@@ -125,17 +131,23 @@ def crossover_cells(runs: pd.DataFrame, baseline: str = "baseline", method: str 
     return pd.DataFrame(rows).sort_values(["tokens_per_step", "params", "train_steps", "step"], kind="stable")
 
 
+def warmup_column(metric: str) -> str:
+    """The cells table's column that marks where ``metric`` compares an evaluation inside an EMA warm-up."""
+    return "ema_warmup_equal_flops" if metric.endswith("equal_flops") else "ema_warmup"
+
+
 def trend_of(points: pd.DataFrame, cells: pd.DataFrame, ratio: str = "ratio_equal_steps"):
     """The clustered fit of log(``ratio``) over the axes the cells vary independently (of params, tokens, tokens per
-    step, steps), on the (cell, seed pair, step) points outside the EMA warm-up of the cells with at least
+    step, steps), on the (cell, seed pair, step) points outside the EMA warm-up (at equal FLOPs, the baseline's
+    matched step too) of the cells with at least
     MIN_PAIRS seed pairs; None when too few seed pairs or axes. A cell of one pair would set its axis's slope
     alone, with no spread between pairs to say how far to trust it."""
     if points.empty or cells.empty:
         return None
     enough = cells[cells.seed_pairs >= MIN_PAIRS][CELL_KEY].drop_duplicates()
     points = points.merge(enough, on=CELL_KEY)
-    shape = cells.drop_duplicates(CELL_KEY).set_index(CELL_KEY)[["tokens", "tokens_per_step", "ema_warmup"]]
-    keep = cells[~cells.ema_warmup][CELL_KEY + ["step"]]
+    shape = cells.drop_duplicates(CELL_KEY).set_index(CELL_KEY)[["tokens", "tokens_per_step"]]
+    keep = cells[~cells[warmup_column(ratio)]][CELL_KEY + ["step"]]
     data = points.merge(keep, on=CELL_KEY + ["step"]).join(shape[["tokens", "tokens_per_step"]], on=CELL_KEY)
     data = data[np.isfinite(data[ratio])]
     if data.empty:
@@ -162,7 +174,9 @@ def trend_markdown(points: pd.DataFrame, cells: pd.DataFrame, ema_decay: float =
              f"pair, step) point from step {first} on (before it the EMA, decay {ema_decay}, still holds more than "
              f"{EMA_WARMUP_LEFT:.0%} of the initial weights), errors clustered by seed pair, 95% t intervals on "
              "(seed pairs - 1) degrees of freedom (tread_bench/measure/trend.py), over the cells with at least "
-             f"{MIN_PAIRS} seed pairs. A ratio below 1 means TREAD is better.", ""]
+             f"{MIN_PAIRS} seed pairs. At equal FLOPs the baseline's evaluation is an earlier step (where its "
+             "training FLOPs equal TREAD's): a point also leaves the fit when that step is inside the warm-up. "
+             "A ratio below 1 means TREAD is better.", ""]
     for ratio, title in (("ratio_equal_steps", "At equal steps"), ("ratio_equal_flops", "At equal training FLOPs")):
         lines += [f"## {title}", ""]
         trend = trend_of(points, cells, ratio)
@@ -187,38 +201,59 @@ def trend_markdown(points: pd.DataFrame, cells: pd.DataFrame, ema_decay: float =
     return "\n".join(lines) + "\n"
 
 
+def what_it_says(mean: float, half: float, level: float) -> str:
+    """What a paired figure says of TREAD, lower being better (a loss ratio around 1, a FID difference around 0):
+    better or worse only when its 95% interval leaves ``level``."""
+    if not math.isfinite(mean):
+        return "not measured"
+    if not math.isfinite(half):
+        return "no interval (one seed pair)"
+    return "TREAD better" if mean + half < level else "TREAD worse" if mean - half > level else "undecided"
+
+
 def verdict_lines(cells: pd.DataFrame) -> list[str]:
-    """Per cell, at its last step: what the loss ratio and the FID difference say, and whether they agree."""
+    """Per cell, at its last step, at equal steps and at equal training FLOPs: what the loss ratio and the FID
+    difference say, and whether they agree. TREAD pays only where both say better: the loss alone never decides."""
     lines = []
     for cell, rows in cells.groupby("cell", sort=False):
         last = rows.loc[rows.step.idxmax()]
-        ratio, half = last.ratio_equal_steps, last.ratio_equal_steps_ci95
-        fid, fid_half = last.fid_diff_equal_steps, last.fid_diff_equal_steps_ci95
-        loss_says = ("no interval (one seed pair)" if not math.isfinite(half) else
-                     "TREAD better" if ratio + half < 1 else "TREAD worse" if ratio - half > 1 else "undecided")
-        fid_says = ("no FID" if not math.isfinite(fid) else "no interval (one seed pair)" if not math.isfinite(fid_half)
-                    else "TREAD better" if fid + fid_half < 0 else "TREAD worse" if fid - fid_half > 0 else "undecided")
-        pays = "TREAD pays" if loss_says == fid_says == "TREAD better" else "TREAD does not pay yet"
         pairs = int(last.seed_pairs)
-        lines.append(f"- {cell}, step {int(last.step)}, {pairs} seed pair{'' if pairs == 1 else 's'}: loss ratio "
-                     f"{format_ci(ratio, half)} ({loss_says}); FID difference {format_ci(fid, fid_half)} "
-                     f"({fid_says}): {pays} at equal steps.")
+        parts = []
+        for tag, words in (("equal_steps", "at equal steps"), ("equal_flops", "at equal training FLOPs")):
+            ratio, ratio_half = last[f"ratio_{tag}"], last[f"ratio_{tag}_ci95"]
+            fid, fid_half = last[f"fid_diff_{tag}"], last[f"fid_diff_{tag}_ci95"]
+            loss_says, fid_says = what_it_says(ratio, ratio_half, 1.0), what_it_says(fid, fid_half, 0.0)
+            if loss_says == fid_says == "TREAD better":
+                pays = "TREAD pays"
+            elif "TREAD worse" in (loss_says, fid_says):
+                pays = "TREAD does not pay"
+            elif loss_says == "TREAD better" and fid_says == "not measured":
+                pays = "the loss says TREAD pays, unconfirmed: no FID at the baseline's FLOP-matched step"
+            elif loss_says == "TREAD better":
+                pays = "the loss says TREAD pays, FID does not confirm it"
+            else:
+                pays = "undecided"
+            parts.append(f"{words}, loss ratio {format_ci(ratio, ratio_half)} ({loss_says}), FID difference "
+                         f"{format_ci(fid, fid_half)} ({fid_says}): {pays}")
+        lines.append(f"- {cell}, step {int(last.step)}, {pairs} seed pair{'' if pairs == 1 else 's'}: "
+                     + "; ".join(parts) + ".")
     return lines
 
 
 def plot_map(cells: pd.DataFrame, path: str | Path) -> Path:
-    """The loss ratio and the FID difference at each cell's last step against parameters, tokens and tokens per
-    step, and every cell's ratio over its evaluation steps; 95% intervals over seed pairs as bars, warm-up steps
-    hollow."""
+    """The loss ratio at equal steps and at equal training FLOPs and the FID difference at equal steps, at each
+    cell's last step against parameters, tokens and tokens per step, and over every cell's evaluation steps; 95%
+    intervals over seed pairs as bars, warm-up steps hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     final = cells.loc[cells.groupby("cell", sort=False).step.idxmax()]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
-    for row, (metric, ylabel, level) in enumerate((("ratio_equal_steps", "TREAD / baseline loss", 1.0),
-                                                   ("fid_diff_equal_steps", "FID TREAD - baseline", 0.0))):
+    fig, axes = plt.subplots(3, 4, figsize=(20, 12))
+    for row, (metric, ylabel, level) in enumerate((("ratio_equal_steps", "TREAD / baseline loss, equal steps", 1.0),
+                                                   ("ratio_equal_flops", "TREAD / baseline loss, equal FLOPs", 1.0),
+                                                   ("fid_diff_equal_steps", "FID TREAD - baseline, equal steps", 0.0))):
         for ax, axis, label in zip(axes[row][:3], AXES[:3], ("parameters", "tokens", "tokens per step")):
             for _, r in final.iterrows():
                 ax.errorbar([r[axis]], [r[metric]], yerr=[np.nan_to_num(r[f"{metric}_ci95"])], marker="o", capsize=3,
@@ -235,7 +270,7 @@ def plot_map(cells: pd.DataFrame, path: str | Path) -> Path:
             if c.empty:
                 continue
             line = ax.errorbar(c.step, c[metric], yerr=np.nan_to_num(c[f"{metric}_ci95"]), capsize=3, label=cell)
-            warm = c[c.ema_warmup]
+            warm = c[c[warmup_column(metric)]]
             ax.plot(warm.step, warm[metric], "o", mfc="white", color=line[0].get_color())
         ax.axhline(level, color="grey", lw=0.8)
         ax.set_xscale("log")
@@ -271,10 +306,14 @@ def write_report(tables: Sequence[str | Path], out_dir: str | Path | None = None
         return written
     shown = ("ratio_equal_steps", "ratio_equal_flops", "fid_diff_equal_steps", "fid_diff_equal_flops")
     show = cells.assign(**{c: [format_ci(m, h) for m, h in zip(cells[c], cells[f"{c}_ci95"])] for c in shown})
-    show["warm-up"] = show.ema_warmup.map({True: "yes", False: ""})
+    show["warm-up"] = ["yes" if both else "equal FLOPs" if flops else ""
+                       for both, flops in zip(show.ema_warmup, show.ema_warmup_equal_flops)]
+    show["baseline step, equal FLOPs"] = [f"{v:.0f}" if math.isfinite(v) else "–"
+                                          for v in show.baseline_step_equal_flops]
     body = (trend_markdown(points, cells, ema_decay) + "## Verdict per cell (loss and FID must agree)\n\n"
             + "\n".join(verdict_lines(cells)) + "\n\n## Cells\n\n"
-            + show[["cell", "width", "tokens", "batch", "params", "step", "warm-up", "seed_pairs", *shown]]
+            + show[["cell", "width", "tokens", "batch", "params", "step", "baseline step, equal FLOPs", "warm-up",
+                    "seed_pairs", *shown]]
             .to_markdown(index=False) + "\n")
     written[1].write_text(body)
     written.append(plot_map(cells, out / "crossover_map.png"))
