@@ -147,7 +147,7 @@ def _verdict_runs(baseline_fid_at_150=None):
     for seed in range(3):
         common = {"backbone": "dit", "size": "tiny", "seed": seed, "steps": 200, "status": "ok", "params": 10}
         rows.append({**common, "method": "baseline", "step": 150, "images_seen": 150 * 32, "train_flops": 150,
-                     "eval_loss": 1.2, "fid": baseline_fid_at_150 if baseline_fid_at_150 else math.nan})
+                     "eval_loss": 1.2, "fid": math.nan if baseline_fid_at_150 is None else baseline_fid_at_150})
         rows.append({**common, "method": "baseline", "step": 200, "images_seen": 200 * 32, "train_flops": 200,
                      "eval_loss": 1.0, "fid": 45.0})
         rows.append({**common, "method": "tread", "step": 200, "images_seen": 200 * 32, "train_flops": 150,

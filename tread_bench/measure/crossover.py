@@ -122,8 +122,8 @@ def crossover_cells(runs: pd.DataFrame, baseline: str = "baseline", method: str 
         # equal FLOPs compares TREAD's step with the baseline's earlier one: the earlier one's EMA decides
         matched = at.baseline_step_equal_flops.dropna()
         row["baseline_step_equal_flops"] = int(matched.min()) if len(matched) else math.nan
-        row["ema_warmup_equal_flops"] = row["ema_warmup"] or (bool(len(matched)) and
-                                                             in_ema_warmup(int(matched.min()), ema_decay))
+        row["ema_warmup_equal_flops"] = row["ema_warmup"] or (len(matched) > 0
+                                                             and in_ema_warmup(int(matched.min()), ema_decay))
         for name in SUMMARISED:
             mean, half, n = mean_ci(at[name])
             row[name], row[f"{name}_ci95"], row[f"{name}_n"] = mean, half, n
@@ -139,8 +139,7 @@ def warmup_column(metric: str) -> str:
 def trend_of(points: pd.DataFrame, cells: pd.DataFrame, ratio: str = "ratio_equal_steps"):
     """The clustered fit of log(``ratio``) over the axes the cells vary independently (of params, tokens, tokens per
     step, steps), on the (cell, seed pair, step) points outside the EMA warm-up (at equal FLOPs, the baseline's
-    matched step too) of the cells with at least
-    MIN_PAIRS seed pairs; None when too few seed pairs or axes. A cell of one pair would set its axis's slope
+    matched step too) of the cells with at least MIN_PAIRS seed pairs; None when too few seed pairs or axes. A cell of one pair would set its axis's slope
     alone, with no spread between pairs to say how far to trust it."""
     if points.empty or cells.empty:
         return None
@@ -207,7 +206,7 @@ def what_it_says(mean: float, half: float, level: float) -> str:
     if not math.isfinite(mean):
         return "not measured"
     if not math.isfinite(half):
-        return "no interval (one seed pair)"
+        return "one seed pair, no interval"
     return "TREAD better" if mean + half < level else "TREAD worse" if mean - half > level else "undecided"
 
 
