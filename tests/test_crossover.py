@@ -48,7 +48,7 @@ def test_the_tiny_crossover_suite_writes_its_runs_cells_trend_and_map(tmp_path, 
     assert run(["suite=crossover", "scale=tiny", f"results_dir={out}", f"runs_dir={tmp_path}/empty", "report=true"]) == 0
     said = capsys.readouterr().out
     assert "  done     dit-XS4-seed0\n" in said and "  done     dit-XS2-seed0\n" in said
-    assert (f"  missing  dit-XS2-seed1 (tread): python run_suite.py suite=crossover scale=tiny only=dit-XS2- "
+    assert (f"  missing  dit-XS2-seed1 (tread): python run_suite.py suite=crossover scale=tiny only=dit-XS2-tread "
             f"'suite.seeds=[1]' results_dir={out}\n") in said
     assert "7 of 8 units done" in said
 

@@ -190,7 +190,8 @@ def write_crossover_report(suite: DictConfig, results_dir: Path) -> None:
 
 def report_units(cfg: DictConfig, suite: DictConfig, runs: list, results_dir: Path) -> None:
     """report=true: each unit of work (one backbone entry and seed: its methods' runs, a seed pair) as done or
-    missing in the suite's runs table, with the command that trains a missing one."""
+    missing in the suite's runs table, with the command that trains a missing one (its one missing run alone, when
+    that is all it lacks)."""
     table = read_table(results_dir / runs_table_name(suite), RUN_KEY)
     done = set()
     if table is not None and "step" in table:
@@ -204,11 +205,17 @@ def report_units(cfg: DictConfig, suite: DictConfig, runs: list, results_dir: Pa
     print(f"units of work of suite {suite.name} (a backbone entry and a seed, every method), by "
           f"{results_dir / runs_table_name(suite)}:")
     for (prefix, seed), members in units.items():
-        missing = [r.method for r in members if (r.run_id, r.seed) not in done]
+        missing = [r for r in members if (r.run_id, r.seed) not in done]
         if not missing:
             print(f"  done     {prefix}seed{seed}")
             continue
         missing_units += 1
-        print(f"  missing  {prefix}seed{seed} ({', '.join(missing)}): python run_suite.py suite={suite.name} "
-              f"scale={cfg.scale.name} only={prefix} 'suite.seeds=[{seed}]' results_dir={cfg.results_dir}")
+        # one run missing: name it alone (the finished one's folder may be gone, and only= would train it again),
+        # unless its name is also part of another run's, which only= would then train as well
+        only = prefix
+        if len(missing) == 1 and not any(missing[0].run_id in r.run_id for r in runs if r.run_id != missing[0].run_id):
+            only = missing[0].run_id
+        print(f"  missing  {prefix}seed{seed} ({', '.join(r.method for r in missing)}): python run_suite.py "
+              f"suite={suite.name} scale={cfg.scale.name} only={only} 'suite.seeds=[{seed}]' "
+              f"results_dir={cfg.results_dir}")
     print(f"{len(units) - missing_units} of {len(units)} units done")
