@@ -147,7 +147,7 @@ def trend_of(points: pd.DataFrame, cells: pd.DataFrame, ratio: str = "ratio_equa
     points = points.merge(enough, on=CELL_KEY)
     shape = cells.drop_duplicates(CELL_KEY).set_index(CELL_KEY)[["tokens", "tokens_per_step"]]
     keep = cells[~cells[warmup_column(ratio)]][CELL_KEY + ["step"]]
-    data = points.merge(keep, on=CELL_KEY + ["step"]).join(shape[["tokens", "tokens_per_step"]], on=CELL_KEY)
+    data = points.merge(keep, on=CELL_KEY + ["step"]).join(shape, on=CELL_KEY)
     data = data[np.isfinite(data[ratio])]
     if data.empty:
         return None
